@@ -1,0 +1,210 @@
+"""The runtime config: where the target runtime rounds, as data.
+
+A config is JSON in the spirit of AIMET's quantsim config::
+
+    {
+      "name": "default",
+      "description": "ONNX Runtime CPU, QDQ format",
+      "defaults": {
+        "ops":    {"is_output_quantized": true, "is_symmetric": false},
+        "params": {"is_quantized": true, "is_symmetric": true},
+        "per_channel_quantization": true
+      },
+      "params":  {"bias": {"is_quantized": false}},
+      "op_type": {"Concat": {"shared_encoding": false},
+                  "Gemm": {"per_channel_quantization": true}},
+      "supergroups": [{"op_list": ["Conv", "BatchNormalization", "Relu"]}],
+      "model_input":  {"is_input_quantized": true},
+      "model_output": {"is_output_quantized": true}
+    }
+
+Fields (every one optional; booleans must be JSON booleans):
+
+``defaults.ops``
+    ``is_output_quantized`` for value-changing ops; ``is_symmetric`` for activations.
+    Value-preserving ops (MaxPool, Reshape, Flatten, Transpose, Dropout, Identity, Pad,
+    Slice, Squeeze, Unsqueeze, Split, Expand) never re-quantize unless ``op_type`` says so.
+``defaults.params``
+    ``is_quantized`` / ``is_symmetric`` for weights.
+``defaults.per_channel_quantization``
+    Per-output-channel weight encodings for Conv / ConvTranspose / Gemm.
+``params.weight`` / ``params.bias``
+    Overrides per parameter kind. A quantized bias is int32 with
+    ``scale = input_scale * weight_scale`` and zero offset (what integer kernels use).
+``op_type.<OpType>``
+    ``is_output_quantized``, ``is_symmetric``, ``per_channel_quantization`` and
+    ``shared_encoding`` (Concat: the inputs and the output share one encoding, so no
+    re-quantization happens at the concat).
+``supergroups``
+    Op chains the runtime fuses into one kernel: one output quantizer at the end, none
+    inside. BatchNormalization after Conv/ConvTranspose/Gemm is always folded into it.
+``model_input.is_input_quantized`` / ``model_output.is_output_quantized``
+    Quantize the model's inputs; keep (or drop) the quantizers on the model's outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
+
+from ..errors import QuantConfigError, did_you_mean
+from ..graph.patterns import OP_TYPES, WEIGHT_AXIS
+
+
+def _check_keys(obj: Any, allowed: set[str], where: str) -> dict:
+    if not isinstance(obj, dict):
+        raise QuantConfigError(f"{where} must be a JSON object, got {type(obj).__name__}")
+    for key in obj:
+        if key not in allowed:
+            raise QuantConfigError(f"unknown key '{where}.{key}' in runtime config." + did_you_mean(key, allowed))
+    return obj
+
+
+def _bool(obj: dict, key: str, where: str, default: Optional[bool]) -> Optional[bool]:
+    if key not in obj:
+        return default
+    value = obj[key]
+    if not isinstance(value, bool):
+        raise QuantConfigError(
+            f"'{where}.{key}' must be a JSON boolean (true or false), got {value!r}"
+            + (" (a string: write true/false without quotes)" if isinstance(value, str) else ""))
+    return value
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """How one op type is treated; ``None`` means: use the defaults."""
+
+    is_output_quantized: Optional[bool] = None
+    is_symmetric: Optional[bool] = None
+    per_channel_quantization: Optional[bool] = None
+    shared_encoding: bool = False
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    is_quantized: Optional[bool] = None
+    is_symmetric: Optional[bool] = None
+
+
+_EMPTY: Mapping = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """A validated runtime config. Build it with :func:`qat_plugin.config.load_config`."""
+
+    name: str = "custom"
+    description: str = ""
+    ops_output_quantized: bool = True
+    ops_symmetric: bool = False
+    params_quantized: bool = True
+    params_symmetric: bool = True
+    per_channel_quantization: bool = True
+    params: Mapping[str, ParamRule] = field(default_factory=lambda: _EMPTY)
+    op_type: Mapping[str, OpRule] = field(default_factory=lambda: _EMPTY)
+    supergroups: tuple[tuple[str, ...], ...] = ()
+    model_input_quantized: bool = True
+    model_output_quantized: bool = True
+
+    def __post_init__(self):
+        for name in self.op_type:
+            if name not in OP_TYPES:
+                raise QuantConfigError(f"unknown op type 'op_type.{name}'." + did_you_mean(name, OP_TYPES))
+        for group in self.supergroups:
+            if len(group) < 2:
+                raise QuantConfigError(f"supergroup {list(group)} needs at least two op types")
+            for name in group:
+                if name not in OP_TYPES:
+                    raise QuantConfigError(f"unknown op type '{name}' in supergroup {list(group)}."
+                                           + did_you_mean(name, OP_TYPES))
+        for name, rule in self.op_type.items():
+            if rule.shared_encoding and name != "Concat":
+                raise QuantConfigError(f"'op_type.{name}.shared_encoding' is only meaningful for Concat")
+            if rule.per_channel_quantization is not None and name not in WEIGHT_AXIS:
+                raise QuantConfigError(f"'op_type.{name}.per_channel_quantization': {name} has no weight;"
+                                       f" valid for {sorted(WEIGHT_AXIS)}")
+
+    # ---- queries used by the planner -------------------------------------------------------
+    def rule(self, op_type: str) -> OpRule:
+        return self.op_type.get(op_type, OpRule())
+
+    def is_output_quantized(self, op_type: str) -> bool:
+        explicit = self.rule(op_type).is_output_quantized
+        if explicit is not None:
+            return explicit
+        from ..graph.patterns import VALUE_PRESERVING
+        return False if op_type in VALUE_PRESERVING else self.ops_output_quantized
+
+    def is_activation_symmetric(self, op_type: Optional[str]) -> bool:
+        explicit = self.rule(op_type).is_symmetric if op_type else None
+        return self.ops_symmetric if explicit is None else explicit
+
+    def weight_per_channel(self, op_type: str) -> bool:
+        explicit = self.rule(op_type).per_channel_quantization
+        return self.per_channel_quantization if explicit is None else explicit
+
+    def param_quantized(self, kind: str) -> bool:
+        rule = self.params.get(kind, ParamRule())
+        if rule.is_quantized is not None:
+            return rule.is_quantized
+        return self.params_quantized if kind == "weight" else False
+
+    def param_symmetric(self, kind: str) -> bool:
+        rule = self.params.get(kind, ParamRule())
+        return self.params_symmetric if rule.is_symmetric is None else rule.is_symmetric
+
+    # ---- parsing ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "RuntimeConfig":
+        top = _check_keys(data, {"name", "description", "defaults", "params", "op_type", "supergroups",
+                                 "model_input", "model_output"}, "config")
+        defaults = _check_keys(top.get("defaults", {}), {"ops", "params", "per_channel_quantization"}, "defaults")
+        dops = _check_keys(defaults.get("ops", {}), {"is_output_quantized", "is_symmetric"}, "defaults.ops")
+        dpar = _check_keys(defaults.get("params", {}), {"is_quantized", "is_symmetric"}, "defaults.params")
+        params = {}
+        for kind, body in _check_keys(top.get("params", {}), {"weight", "bias"}, "params").items():
+            body = _check_keys(body, {"is_quantized", "is_symmetric"}, f"params.{kind}")
+            params[kind] = ParamRule(_bool(body, "is_quantized", f"params.{kind}", None),
+                                     _bool(body, "is_symmetric", f"params.{kind}", None))
+        op_rules = {}
+        op_type = top.get("op_type", {})
+        if not isinstance(op_type, dict):
+            raise QuantConfigError("'op_type' must be a JSON object mapping op types to rules")
+        for name, body in op_type.items():
+            where = f"op_type.{name}"
+            if name not in OP_TYPES:
+                raise QuantConfigError(f"unknown op type '{where}'." + did_you_mean(name, OP_TYPES))
+            body = _check_keys(body, {"is_output_quantized", "is_symmetric", "per_channel_quantization",
+                                      "shared_encoding"}, where)
+            op_rules[name] = OpRule(_bool(body, "is_output_quantized", where, None),
+                                    _bool(body, "is_symmetric", where, None),
+                                    _bool(body, "per_channel_quantization", where, None),
+                                    _bool(body, "shared_encoding", where, False))
+        groups = top.get("supergroups", [])
+        if not isinstance(groups, list):
+            raise QuantConfigError("'supergroups' must be a list of {\"op_list\": [...]} objects")
+        supergroups = []
+        for i, g in enumerate(groups):
+            g = _check_keys(g, {"op_list"}, f"supergroups[{i}]")
+            ops = g.get("op_list")
+            if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
+                raise QuantConfigError(f"'supergroups[{i}].op_list' must be a list of op type names")
+            supergroups.append(tuple(ops))
+        mi = _check_keys(top.get("model_input", {}), {"is_input_quantized"}, "model_input")
+        mo = _check_keys(top.get("model_output", {}), {"is_output_quantized"}, "model_output")
+        for key in ("name", "description"):
+            if key in top and not isinstance(top[key], str):
+                raise QuantConfigError(f"'{key}' must be a string")
+        return cls(
+            name=top.get("name", "custom"), description=top.get("description", ""),
+            ops_output_quantized=_bool(dops, "is_output_quantized", "defaults.ops", True),
+            ops_symmetric=_bool(dops, "is_symmetric", "defaults.ops", False),
+            params_quantized=_bool(dpar, "is_quantized", "defaults.params", True),
+            params_symmetric=_bool(dpar, "is_symmetric", "defaults.params", True),
+            per_channel_quantization=_bool(defaults, "per_channel_quantization", "defaults", True),
+            params=MappingProxyType(params), op_type=MappingProxyType(op_rules),
+            supergroups=tuple(supergroups),
+            model_input_quantized=_bool(mi, "is_input_quantized", "model_input", True),
+            model_output_quantized=_bool(mo, "is_output_quantized", "model_output", True),
+        )

@@ -1,0 +1,1 @@
+"""Graph capture, op vocabulary, placement planning and applying."""

@@ -1,0 +1,294 @@
+"""Placement as a pure function: (captured graph, runtime config) -> the quantizer sites.
+
+Nothing here mutates the model; :mod:`qat_plugin.graph.apply` does that.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from torch import fx, nn
+
+from ..config import RuntimeConfig
+from .patterns import FUNCTIONAL_WEIGHT_ARG, VALUE_PRESERVING, WEIGHT_AXIS, describe, op_type_of
+
+
+@dataclass(frozen=True)
+class QuantizerSite:
+    """One quantizer and where it sits.
+
+    ``kind`` is ``"input"`` (model input, or the float output of an op the config does not
+    know, quantized for its consumers), ``"output"`` (an op's or supergroup's output) or
+    ``"param"`` (a weight). ``nodes`` are the fx nodes whose value the quantizer replaces
+    (several when encodings are shared, e.g. Concat); a module's weight has ``module`` (its
+    qualified name) instead. ``consumers`` limits which users see the quantized value
+    (``None``: all). ``bias_from`` names the input's site when the bias is int32.
+    """
+
+    key: str
+    kind: str
+    nodes: tuple[str, ...]
+    op: str
+    where: str
+    bitwidth: int
+    symmetric: bool
+    axis: Optional[int] = None
+    channels: int = 0
+    consumers: Optional[tuple[str, ...]] = None
+    bias_from: Optional[str] = None
+    module: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    sites: tuple[QuantizerSite, ...]
+    bn_folds: tuple[tuple[str, str], ...]  # (conv node, batchnorm node)
+    groups: tuple[tuple[str, ...], ...]  # node names of each matched supergroup
+    unsupported: tuple[str, ...]  # ops left in float, described
+
+    def site(self, key: str) -> QuantizerSite:
+        for s in self.sites:
+            if s.key == key:
+                return s
+        raise KeyError(key)
+
+    def by_kind(self, kind: str) -> list[QuantizerSite]:
+        return [s for s in self.sites if s.kind == kind]
+
+
+def _out_channels(mod: nn.Module) -> Optional[int]:
+    if isinstance(mod, nn.Linear):
+        return mod.out_features
+    return getattr(mod, "out_channels", None)
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) if a not in found else None)
+    return found
+
+
+def _normalize(pattern: tuple[str, ...]) -> tuple[str, ...]:
+    """BatchNormalization right after a weighted op is always folded: drop it from patterns."""
+    out = [pattern[0]]
+    for t in pattern[1:]:
+        if t == "BatchNormalization" and out[-1] in WEIGHT_AXIS:
+            continue
+        out.append(t)
+    return tuple(out)
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, k: str) -> str:
+        while self.parent.get(k, k) != k:
+            k = self.parent[k]
+        return k
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, output_bw: int = 8,
+              leaf_names: frozenset[str] = frozenset()) -> QuantPlan:
+    """Decide every quantizer site of ``gm`` (captured, with shapes propagated)."""
+    modules = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+    types = {n: op_type_of(n, modules, leaf_names) for n in nodes}
+    calls = Counter(n.target for n in nodes if n.op == "call_module")
+
+    # 1. BatchNorm folding: a weighted module whose only user is a BatchNorm it feeds.
+    folds: dict[fx.Node, fx.Node] = {}
+    for n in nodes:
+        if n.op != "call_module" or types[n] not in WEIGHT_AXIS or len(n.users) != 1:
+            continue
+        (u,) = n.users
+        if types[u] != "BatchNormalization" or u.op != "call_module" or u.args[0] is not n:
+            continue
+        bn = modules[u.target]
+        if calls[n.target] == 1 and calls[u.target] == 1 and bn.running_mean is not None \
+                and bn.num_features == _out_channels(modules[n.target]):
+            folds[n] = u
+    folded_bn = set(folds.values())
+    conv_of = {b: c for c, b in folds.items()}
+
+    def value_node(n: fx.Node) -> fx.Node:
+        """The node that holds ``n``'s value once BatchNorms are folded."""
+        return conv_of.get(n, n)
+
+    def tail(n: fx.Node) -> fx.Node:
+        return folds.get(n, n)
+
+    # 2. Supergroups: longest pattern first, along single-user chains, in graph order.
+    patterns = sorted({_normalize(g) for g in config.supergroups if len(_normalize(g)) > 1}, key=len, reverse=True)
+    group_of: dict[fx.Node, tuple[fx.Node, ...]] = {}
+    groups = []
+    for n in nodes:
+        if n in group_of or n in folded_bn or types[n] is None:
+            continue
+        for pat in patterns:
+            if types[n] != pat[0]:
+                continue
+            chain, cur = [n], n
+            for t in pat[1:]:
+                users = list(tail(cur).users)
+                if len(users) != 1 or types.get(users[0]) != t or users[0] in group_of:
+                    break
+                cur = users[0]
+                chain.append(cur)
+            else:
+                full = tuple(x for c in chain for x in ((c, folds[c]) if c in folds else (c,)))
+                for x in full:
+                    group_of[x] = full
+                groups.append(full)
+                break
+    for conv, bn in folds.items():  # a folded pair outside any pattern is a group of its own
+        if conv not in group_of:
+            group_of[conv] = group_of[bn] = (conv, bn)
+
+    # 3. Walk the graph in order, deciding sites and tracking which site encodes each value.
+    sites: dict[str, QuantizerSite] = {}
+    source: dict[fx.Node, Optional[str]] = {}
+    uf = _UnionFind()
+    unsupported: list[str] = []
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+
+    def add(site: QuantizerSite) -> str:
+        sites[site.key] = site
+        return site.key
+
+    def act_site(key, kind, node, op, where, op_type, consumers=None) -> str:
+        return add(QuantizerSite(key, kind, (node.name,), op, where, output_bw,
+                                 config.is_activation_symmetric(op_type), consumers=consumers))
+
+    def data_source(n: fx.Node) -> Optional[str]:
+        for a in _tensor_inputs(n):
+            if a.op != "get_attr" and a in source:
+                return source[a]
+        return None
+
+    for n in nodes:
+        kind = n.meta.get("qat_kind")
+        if n.op == "placeholder":
+            quantize = kind == "float" and config.model_input_quantized
+            source[n] = act_site(f"{n.name}_input", "input", n, "input", f"input '{n.target}'", None) if quantize else None
+            continue
+        if n.op in ("get_attr", "output"):
+            source[n] = None
+            continue
+        t = types[n]
+        group = group_of.get(n)
+        if t in WEIGHT_AXIS:
+            _param_site(n, t, modules, config, param_bw, sites)
+        if kind not in ("float", "float_seq"):
+            source[n] = None
+            continue
+        if group is not None and n is not group[-1]:
+            source[n] = None  # inside a fused group: the runtime never materializes it
+            continue
+        if t is None:
+            unsupported.append(f"{describe(n)} ({n.op} '{n.name}')")
+            consumers = tuple(u.name for u in n.users if u.op != "output")
+            source[n] = act_site(f"{n.name}_float_output", "input", n, "(float op)", describe(n), None,
+                                 consumers) if consumers and kind == "float" else None
+            continue
+        head = group[0] if group else n
+        op_name = "+".join(types[x] for x in group) if group else t
+        eff_type = types[head] if group and n in folded_bn else t
+        if eff_type in VALUE_PRESERVING and not config.is_output_quantized(eff_type):
+            source[n] = data_source(n)
+            continue
+        if eff_type == "Concat" and config.rule("Concat").shared_encoding:
+            ins = [source.get(a) for a in _tensor_inputs(n) if a.op != "get_attr"]
+            if ins and all(ins):
+                for k in ins[1:]:
+                    uf.union(ins[0], k)
+                source[n] = ins[0]
+                continue
+        if not config.is_output_quantized(eff_type):
+            source[n] = None
+            continue
+        where = describe(head) if head is n else f"{describe(head)} .. {describe(n)}"
+        v = value_node(n)
+        source[n] = act_site(f"{v.name}_output", "output", v, op_name, where, eff_type)
+
+    # 4. Model outputs the config wants in float keep no quantizer.
+    if not config.model_output_quantized:
+        out_node = next(n for n in nodes if n.op == "output")
+        for a in _tensor_inputs(out_node):
+            key = source.get(a)
+            site = sites.get(key) if key else None
+            if site is not None and site.kind == "output" and site.nodes == (value_node(a).name,):
+                others = tuple(u.name for u in a.users if u is not out_node)
+                if others:
+                    sites[key] = replace(site, consumers=others)
+                else:
+                    del sites[key]
+
+    # 5. Shared encodings: merge union-find groups into their root site.
+    merged: dict[str, QuantizerSite] = {}
+    for key, site in sites.items():
+        root = uf.find(key) if site.kind != "param" else key
+        if root == key:
+            merged.setdefault(key, site)
+        else:
+            base = merged.get(root, sites[root])
+            merged[root] = replace(base, nodes=base.nodes + site.nodes, op=base.op + "|" + site.op)
+    # int32 bias grid: input scale x weight scale; the input's site is the data source of the op.
+    if config.param_quantized("bias"):
+        for n in nodes:
+            if types[n] in WEIGHT_AXIS and n.op == "call_module" and getattr(modules[n.target], "bias", None) is not None \
+                    or n in folds:
+                key = f"{n.target}.weight"
+                src = data_source(n)
+                if key in merged and src is not None and src in sites and merged.get(uf.find(src)):
+                    merged[key] = replace(merged[key], bias_from=uf.find(src))
+    ordered = sorted(merged.values(), key=lambda s: _order(s, nodes))
+    return QuantPlan(tuple(ordered), tuple((c.name, b.name) for c, b in folds.items()),
+                     tuple(tuple(x.name for x in g) for g in groups), tuple(unsupported))
+
+
+def _order(site: QuantizerSite, nodes: list[fx.Node]) -> tuple[int, int]:
+    index = {n.name: i for i, n in enumerate(nodes)}
+    if site.module is not None:
+        for i, n in enumerate(nodes):
+            if n.op == "call_module" and n.target == site.module:
+                return (i, 0)
+    if site.kind == "param":
+        return (min(index[x] for x in site.nodes), 0)
+    return (min(index[x] for x in site.nodes), 1)
+
+
+def _param_site(n: fx.Node, t: str, modules: dict, config: RuntimeConfig, param_bw: int,
+                sites: dict[str, QuantizerSite]) -> None:
+    if not config.param_quantized("weight"):
+        return
+    per_channel = config.weight_per_channel(t)
+    symmetric = config.param_symmetric("weight")
+    if n.op == "call_module":
+        weight = modules[n.target].weight
+        key, nodes, where, module = f"{n.target}.weight", (), f"{n.target}.weight", str(n.target)
+    elif n.op == "call_function" and n.target in FUNCTIONAL_WEIGHT_ARG:
+        idx = FUNCTIONAL_WEIGHT_ARG[n.target]
+        w = n.args[idx] if len(n.args) > idx else n.kwargs.get("weight")
+        if not isinstance(w, fx.Node) or w.op != "get_attr":
+            return  # computed weights: nothing static to quantize
+        weight = _get_attr(modules, w.target)
+        key, nodes, where, module = f"{w.name}_param", (w.name,), str(w.target), None
+    else:
+        return
+    if key in sites:
+        return
+    axis = WEIGHT_AXIS[t] if per_channel else None
+    channels = weight.shape[axis] if axis is not None else 0
+    sites[key] = QuantizerSite(key, "param", nodes, t, where, param_bw, symmetric, axis, channels, module=module)
+
+
+def _get_attr(modules: dict, target: str):
+    owner, _, attr = target.rpartition(".")
+    return getattr(modules[owner], attr)

@@ -1,0 +1,116 @@
+"""Graph capture: one replaceable function from an ``nn.Module`` to a torch.fx GraphModule.
+
+Everything after capture reads only the graph. Leaf modules are black boxes: they are not
+traced into, and get quantized inputs and outputs like any other op.
+"""
+from __future__ import annotations
+
+import linecache
+import sys
+from typing import Iterable, Sequence, Union
+
+import torch
+from torch import fx, nn
+
+from ..errors import UnsupportedModelError
+
+LeafSpec = Union[str, type]
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaf_names: frozenset[str], leaf_types: tuple[type, ...]):
+        super().__init__()
+        self.leaf_names, self.leaf_types = leaf_names, leaf_types
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def split_leaf_modules(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> tuple[frozenset[str], tuple[type, ...]]:
+    """Validate ``leaf_modules`` (qualified names or module classes) against ``model``."""
+    names, types = set(), []
+    known = dict(model.named_modules())
+    for spec in leaf_modules:
+        if isinstance(spec, type) and issubclass(spec, nn.Module):
+            types.append(spec)
+        elif isinstance(spec, str):
+            if spec not in known or spec == "":
+                from ..errors import did_you_mean
+                raise UnsupportedModelError(f"leaf_modules: the model has no submodule '{spec}'."
+                                            + did_you_mean(spec, [k for k in known if k]))
+            names.add(spec)
+        else:
+            raise TypeError(f"leaf_modules entries are qualified names or nn.Module classes, got {spec!r}")
+    return frozenset(names), tuple(types)
+
+
+def leaf_names_of(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> frozenset[str]:
+    """Qualified names of every module treated as a leaf (names and instances of classes)."""
+    names, types = split_leaf_modules(model, leaf_modules)
+    return names | {n for n, m in model.named_modules() if types and isinstance(m, types) and n}
+
+
+def _offending_frame(model: nn.Module, tb) -> tuple[str, str]:
+    """The user's module (qualified name) and source line where tracing failed."""
+    by_id = {id(m): name for name, m in model.named_modules()}
+    found = ("<model>", "")
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in by_id:
+            line = linecache.getline(frame.f_code.co_filename, tb.tb_lineno).strip()
+            where = f"{frame.f_code.co_filename}:{tb.tb_lineno}: {line}"
+            found = (by_id[id(owner)] or "<model>", where)
+        tb = tb.tb_next
+    return found
+
+
+def capture(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphModule:
+    """Trace ``model`` with torch.fx. Failures become :class:`UnsupportedModelError` that name
+    the module, the offending line, and the ``leaf_modules=`` way out."""
+    names, types = split_leaf_modules(model, leaf_modules)
+    tracer = _Tracer(names, types)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # torch.fx raises many kinds (TraceError, TypeError, RuntimeError...)
+        module, where = _offending_frame(model, sys.exc_info()[2])
+        hint = (f"pass leaf_modules=['{module}'] to treat it as a black box with quantized inputs "
+                "and outputs, or rewrite the data-dependent code") if module != "<model>" else \
+            "rewrite the data-dependent control flow in forward(), or wrap it in a submodule and pass it in leaf_modules="
+        raise UnsupportedModelError(
+            f"torch.fx cannot trace module '{module}' ({type(e).__name__}: {e}).\n  at {where or 'unknown line'}\n"
+            f"  way out: {hint}") from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def propagate_shapes(gm: fx.GraphModule, args: tuple) -> None:
+    """Run ``gm`` on ``args`` in eval mode and record in ``node.meta['qat_kind']`` what each
+    node produces (``'float'`` tensor, ``'float_seq'`` of tensors, ``'tensor'`` non-float, ``'other'``)."""
+    class _Interp(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            n.meta["qat_kind"] = _kind(out)
+            if isinstance(out, torch.Tensor):
+                n.meta["qat_shape"] = tuple(out.shape)
+            return out
+
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _Interp(gm).run(*args)
+    except Exception as e:
+        raise UnsupportedModelError(f"the model failed on dummy_input ({type(e).__name__}: {e}); "
+                                    "pass an input the model's forward accepts") from e
+    finally:
+        gm.train(was_training)
+
+
+def _kind(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "float" if value.is_floating_point() else "tensor"
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in value):
+        return "float_seq"
+    return "other"

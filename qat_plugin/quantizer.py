@@ -1,0 +1,178 @@
+"""The quantize-dequantize node: a plain module with a straight-through estimator.
+
+>>> import torch
+>>> q = QuantizeDequantize(bitwidth=8, symmetric=False)
+>>> q.is_initialized()
+False
+>>> with q.compute_encodings():
+...     _ = q(torch.tensor([-1.0, 0.0, 3.0]))
+>>> q.is_initialized()
+True
+>>> q(torch.tensor([0.5, 10.0]))   # 0.5 lands on the grid, 10.0 clips to the grid's max
+tensor([0.5020, 2.9961])
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .encoding import Encoding, num_steps
+from .errors import NotCalibratedError
+
+
+class _RoundSTE(torch.autograd.Function):
+    """``round`` forward (half to even, as ONNX), identity backward.
+
+    >>> x = torch.tensor([0.4, 1.5, 2.5], requires_grad=True)
+    >>> y = _RoundSTE.apply(x); y.sum().backward()
+    >>> y.tolist(), x.grad.tolist()
+    ([0.0, 2.0, 2.0], [1.0, 1.0, 1.0])
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int) -> torch.Tensor:
+    """Affine fake-quantization with STE/LSQ gradients (``scale``/``offset`` already broadcastable).
+
+    Gradients: ``x`` gets 1 inside the grid's range and 0 outside (clamp); ``scale`` gets
+    LSQ's ``round(x/s) - x/s`` inside and the clipping level outside; ``offset`` gets 0 inside
+    and ``scale`` outside (LSQ+).
+    """
+    offset = _RoundSTE.apply(offset)
+    q = torch.clamp(_RoundSTE.apply(x / scale) - offset, 0, num_steps(bitwidth))
+    return (q + offset) * scale
+
+
+class QuantizeDequantize(nn.Module):
+    """Simulates one tensor's rounding on the integer target.
+
+    Args:
+        shape: shape of scale/offset: ``()`` per-tensor, ``(C,)`` per-channel.
+        bitwidth: 2 to 16.
+        symmetric: symmetric signed grid (offset fixed at ``-2**(b-1)``) or asymmetric.
+        axis: channel axis for per-channel quantization (``None`` per-tensor).
+        learnable: whether scale (and offset, if asymmetric) get gradients.
+
+    The math runs in float32 with autocast disabled whatever the input dtype. The output
+    takes the input's dtype, except that a 16-bit float input to a grid wider than 8 bits
+    stays float32 (fp16/bf16 cannot hold a 16-bit integer grid).
+    """
+
+    def __init__(self, shape: Sequence[int] = (), bitwidth: int = 8, symmetric: bool = False,
+                 axis: Optional[int] = None, learnable: bool = False, name: str = ""):
+        super().__init__()
+        if not isinstance(bitwidth, int) or not 2 <= bitwidth <= 16:
+            raise ValueError(f"bitwidth must be an int in [2, 16], got {bitwidth!r}")
+        if (axis is None) != (len(tuple(shape)) == 0):
+            raise ValueError("per-channel quantizers need both a non-scalar shape and an axis")
+        self.bitwidth = bitwidth
+        self.symmetric = symmetric
+        self.axis = axis
+        self.name = name
+        self.enabled = True
+        self.scale = nn.Parameter(torch.ones(tuple(shape)), requires_grad=learnable)
+        self.offset = nn.Parameter(torch.zeros(tuple(shape)), requires_grad=learnable and not symmetric)
+        self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False  # python mirror of the buffer: no device sync in forward
+        self._observer = None
+
+    # ---- state ---------------------------------------------------------------------------
+    def is_initialized(self) -> bool:
+        return self._initialized
+
+    @property
+    def learnable(self) -> bool:
+        return self.scale.requires_grad
+
+    def freeze(self) -> None:
+        """Stop learning scale/offset (the encoding stays as it is)."""
+        self.scale.requires_grad_(False)
+        self.offset.requires_grad_(False)
+
+    def unfreeze(self) -> None:
+        self.scale.requires_grad_(True)
+        self.offset.requires_grad_(not self.symmetric)
+
+    @property
+    def encoding(self) -> Optional[Encoding]:
+        if not self._initialized:
+            return None
+        return Encoding(self.scale.detach().double().clone(), torch.round(self.offset.detach().double()),
+                        self.bitwidth, self.symmetric, self.axis)
+
+    def set_encoding(self, enc: Encoding) -> None:
+        if enc.bitwidth != self.bitwidth or enc.symmetric != self.symmetric or enc.axis != self.axis:
+            raise ValueError(
+                f"{self.name or 'quantizer'}: encoding ({enc.bitwidth}-bit, symmetric={enc.symmetric}, "
+                f"axis={enc.axis}) does not match the quantizer ({self.bitwidth}-bit, "
+                f"symmetric={self.symmetric}, axis={self.axis})")
+        if enc.scale.shape != self.scale.shape:
+            raise ValueError(f"{self.name}: encoding shape {tuple(enc.scale.shape)} != {tuple(self.scale.shape)}")
+        with torch.no_grad():
+            self.scale.copy_(enc.scale.to(self.scale))
+            self.offset.copy_(enc.offset.to(self.offset))
+            self.initialized.fill_(True)
+        self._initialized = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)
+
+    # ---- calibration ---------------------------------------------------------------------
+    def start_calibration(self, observer) -> None:
+        """Route inputs to ``observer`` (inputs pass through unchanged) until stop_calibration."""
+        self._observer = observer
+
+    def stop_calibration(self):
+        observer, self._observer = self._observer, None
+        return observer
+
+    @contextlib.contextmanager
+    def compute_encodings(self, scheme: str = "tf", **kwargs):
+        """Observe what passes through, then set the encoding from it (``tf``, ``tf_enhanced``, ``percentile``)."""
+        from .calibration import encoding_from_observer, make_observer
+
+        self.start_calibration(make_observer(scheme, axis=self.axis, name=self.name))
+        try:
+            yield self
+        finally:
+            observer = self.stop_calibration()
+        self.set_encoding(encoding_from_observer(observer, scheme, self.bitwidth, self.symmetric, self.axis, **kwargs))
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self._observer is not None:
+            self._observer.observe(x.detach())
+            return x
+        if not self._initialized:
+            raise NotCalibratedError(
+                f"quantizer '{self.name or type(self).__name__}' has no encoding: call "
+                "sim.compute_encodings(forward_pass_callback) before running the simulation")
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            scale, offset = self.scale, self.offset
+            if self.axis is not None:
+                shape = [1] * x.dim()
+                shape[self.axis] = -1
+                scale, offset = scale.reshape(shape), offset.reshape(shape)
+            out = fake_quantize(x.float(), scale.float(), offset.float(), self.bitwidth)
+        if x.dtype in (torch.float16, torch.bfloat16) and self.bitwidth > 8:
+            return out
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        kind = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
+        sym = "symmetric" if self.symmetric else "asymmetric"
+        flags = "" if self.enabled else ", disabled"
+        return f"bitwidth={self.bitwidth}, {sym}, {kind}, learnable={self.learnable}{flags}"

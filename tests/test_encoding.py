@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from qat_plugin.encoding import Encoding
+
+
+def test_asymmetric_grid_holds_zero_and_covers_range():
+    enc = Encoding.from_min_max(torch.tensor(-0.7), torch.tensor(2.3), bitwidth=8, symmetric=False)
+    assert float(enc.scale) == pytest.approx(3.0 / 255)
+    assert int(enc.offset) == round(-0.7 / (3.0 / 255))
+    # zero is exactly representable: q = -offset
+    assert float(enc.quantize_dequantize(torch.zeros(1))) == 0.0
+    assert float(enc.min) <= -0.7 + float(enc.scale) and float(enc.max) >= 2.3 - float(enc.scale)
+
+
+def test_symmetric_grid_is_signed_with_fixed_offset():
+    enc = Encoding.from_min_max(torch.tensor(-0.5), torch.tensor(1.27), bitwidth=8, symmetric=True)
+    assert float(enc.scale) == pytest.approx(1.27 / 127)
+    assert int(enc.offset) == -128
+    assert int(enc.onnx_zero_point()) == 0
+    assert float(enc.min) == pytest.approx(-128 * 1.27 / 127)
+
+
+def test_range_is_widened_to_hold_zero():
+    enc = Encoding.from_min_max(torch.tensor(1.0), torch.tensor(3.0), bitwidth=8, symmetric=False)
+    assert int(enc.offset) == 0 and float(enc.min) == 0.0
+
+
+def test_onnx_zero_point_asymmetric_is_minus_offset():
+    enc = Encoding.from_min_max(torch.tensor(-1.0), torch.tensor(3.0), bitwidth=8, symmetric=False)
+    assert int(enc.onnx_zero_point()) == 64 == -int(enc.offset)
+
+
+def test_per_channel_quantize_dequantize_uses_axis():
+    lo, hi = torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0])
+    enc = Encoding.from_min_max(lo, hi, bitwidth=4, symmetric=True, axis=1)
+    x = torch.tensor([[0.3, 0.3]], dtype=torch.float64)
+    out = enc.quantize_dequantize(x)
+    assert out[0, 0].item() == pytest.approx(round(0.3 / (1 / 7)) / 7)
+    assert out[0, 1].item() == pytest.approx(round(0.3 / (2 / 7)) * 2 / 7)
+
+
+@pytest.mark.parametrize("bad", [1, 17])
+def test_bitwidth_out_of_range(bad):
+    with pytest.raises(ValueError, match="bitwidth"):
+        Encoding(torch.tensor(1.0), torch.tensor(0.0), bad, False)
+
+
+def test_json_entries_per_channel():
+    enc = Encoding.from_min_max(torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0]), 8, True, axis=0)
+    entries = enc.to_json()
+    assert len(entries) == 2 and entries[1]["scale"] == pytest.approx(2 / 127) and entries[0]["offset"] == -128

@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from qat_plugin import NotCalibratedError, QuantizeDequantize
+from qat_plugin.encoding import Encoding
+
+
+def reference(x, scale, offset, bw):
+    """float64 fake-quant with ONNX QuantizeLinear's semantics: the quotient ``x / scale`` is a
+    float32 division (as in ONNX Runtime), rounded half to even; the rest is float64."""
+    quotient = (x.float() / scale.float()).double()
+    q = torch.clamp(torch.round(quotient) - offset.double(), 0, 2**bw - 1)
+    return (q + offset.double()) * scale.double()
+
+
+def make(bw, symmetric, lo=-1.5, hi=2.5, axis=None, channels=0, learnable=False):
+    shape = (channels,) if axis is not None else ()
+    q = QuantizeDequantize(shape, bw, symmetric, axis, learnable=learnable, name="t")
+    lo_t, hi_t = torch.full(shape, lo), torch.full(shape, hi)
+    if axis is not None:
+        hi_t = hi_t * torch.arange(1, channels + 1)
+    q.set_encoding(Encoding.from_min_max(lo_t, hi_t, bw, symmetric, axis))
+    return q
+
+
+@pytest.mark.parametrize("bw", [2, 4, 8, 12, 16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_forward_matches_float64_reference(bw, symmetric):
+    q = make(bw, symmetric)
+    x = torch.randn(4096) * 2
+    enc = q.encoding
+    expected = reference(x, enc.scale, enc.offset, bw)
+    # float32 math: equal to float64 up to one rounding of the final product
+    torch.testing.assert_close(q(x).double(), expected, atol=float(enc.scale) * 1e-5, rtol=1e-6)
+
+
+def test_per_channel_forward():
+    q = make(8, True, axis=1, channels=3)
+    x = torch.randn(5, 3, 4) * 3
+    enc = q.encoding
+    expected = reference(x, enc.scale.reshape(1, 3, 1), enc.offset.reshape(1, 3, 1), 8)
+    torch.testing.assert_close(q(x).double(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_ste_gradients_match_lsq_reference():
+    q = make(4, False, learnable=True)
+    x = torch.tensor([-3.0, -0.61, 0.0, 0.37, 1.9, 9.0], requires_grad=True)
+    q(x).sum().backward()
+    s, o = float(q.scale.detach()), float(torch.round(q.offset.detach()))
+    lo, hi = o * s, (o + 15) * s
+    inside = [(lo <= v.item() <= hi) for v in x.detach()]
+    # input gradient: 1 inside the range, 0 outside
+    assert x.grad.tolist() == [1.0 if i else 0.0 for i in inside]
+    # scale gradient (LSQ): round(x/s) - x/s inside; clip level (o or o+15) outside
+    exp_s = 0.0
+    exp_o = 0.0
+    for v, i in zip(x.detach().double().tolist(), inside):
+        if i:
+            exp_s += round(v / s) - v / s
+        else:
+            exp_s += (o if v < lo else o + 15)
+            exp_o += s
+    assert q.scale.grad.item() == pytest.approx(exp_s, abs=1e-4)
+    assert q.offset.grad.item() == pytest.approx(exp_o, abs=1e-5)
+
+
+def test_symmetric_offset_is_not_learnable():
+    q = make(8, True, learnable=True)
+    assert q.scale.requires_grad and not q.offset.requires_grad
+
+
+def test_freeze_stops_range_learning():
+    q = make(8, False, learnable=True)
+    q.freeze()
+    assert not q.scale.requires_grad and not q.offset.requires_grad
+    q.unfreeze()
+    assert q.scale.requires_grad and q.offset.requires_grad
+
+
+def test_uncalibrated_forward_raises():
+    q = QuantizeDequantize(name="layer.output")
+    with pytest.raises(NotCalibratedError, match="compute_encodings"):
+        q(torch.zeros(3))
+
+
+def test_disabled_is_identity():
+    q = make(2, False)
+    q.enabled = False
+    x = torch.randn(10)
+    assert torch.equal(q(x), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_math_is_float32_under_autocast(dtype):
+    q8, q16 = make(8, False), make(16, False, lo=-300.0, hi=300.0)
+    x = (torch.randn(1000) * 100)
+    with torch.autocast("cpu", dtype=dtype):
+        out8 = q8(x.to(dtype))
+        out16 = q16(x.to(dtype))
+    assert out8.dtype == dtype  # 8-bit grids go back to the input dtype
+    assert out16.dtype == torch.float32  # a 16-bit grid never passes through 16-bit floats
+    enc = q16.encoding
+    expected = reference(x.to(dtype).float(), enc.scale, enc.offset, 16)
+    torch.testing.assert_close(out16.double(), expected, atol=float(enc.scale) * 1e-3, rtol=2e-7)
+
+
+def test_state_dict_round_trip_restores_encoding():
+    q = make(6, False, learnable=True)
+    fresh = QuantizeDequantize((), 6, False, None, learnable=True)
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.is_initialized()
+    x = torch.randn(100)
+    assert torch.equal(fresh(x), q(x))
+
+
+def test_set_encoding_rejects_mismatch():
+    q = QuantizeDequantize((), 8, False)
+    with pytest.raises(ValueError, match="does not match"):
+        q.set_encoding(Encoding.from_min_max(torch.tensor(-1.0), torch.tensor(1.0), 4, False))
+
+
+@pytest.mark.parametrize("bad", [1, 17, 8.0])
+def test_bad_bitwidth(bad):
+    with pytest.raises(ValueError, match="bitwidth"):
+        QuantizeDequantize(bitwidth=bad)
