@@ -71,7 +71,7 @@ _FUNCTIONS: dict = {
     F.adaptive_avg_pool3d: "GlobalAveragePool", torch.mean: "ReduceMean",
     torch.flatten: "Flatten", torch.reshape: "Reshape", torch.permute: "Transpose",
     torch.transpose: "Transpose", torch.squeeze: "Squeeze", torch.unsqueeze: "Unsqueeze",
-    F.dropout: "Dropout", F.pad: "Pad", operator.getitem: "Slice",
+    F.dropout: "Dropout", F.pad: "Pad", operator.getitem: "Slice", getattr: "Slice",
     torch.split: "Split", torch.chunk: "Split",
 }
 
@@ -112,6 +112,9 @@ def describe(node: fx.Node) -> str:
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     if node.op == "call_function":
-        mod = getattr(node.target, "__module__", None) or ""
-        return f"{mod}.{getattr(node.target, '__name__', node.target)}".lstrip(".")
+        name = getattr(node.target, "__name__", str(node.target))
+        for prefix, namespace in (("F", F), ("torch", torch), ("operator", operator)):
+            if getattr(namespace, name, None) is node.target:
+                return f"{prefix}.{name}"
+        return f"{getattr(node.target, '__module__', '') or ''}.{name}".lstrip(".")
     return node.name

@@ -166,6 +166,18 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
         return add(QuantizerSite(key, kind, (node.name,), op, where, output_bw,
                                  config.is_activation_symmetric(op_type), consumers=consumers))
 
+    float_region: set[fx.Node] = set()
+
+    def float_site(n: fx.Node, kind: str) -> None:
+        """``n`` holds a float value (an unknown op's output, or moved from one): quantize it
+        for the consumers that compute with it, as the runtime would at their inputs."""
+        float_region.add(n)
+        source[n] = None
+        consumers = tuple(u.name for u in n.users if u.op != "output" and types.get(u) is not None
+                          and types[u] not in VALUE_PRESERVING)
+        if consumers and kind == "float":
+            act_site(f"{n.name}_float_output", "input", n, "(float op)", describe(n), None, consumers)
+
     def data_source(n: fx.Node) -> Optional[str]:
         for a in _tensor_inputs(n):
             if a.op != "get_attr" and a in source:
@@ -193,15 +205,15 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
             continue
         if t is None:
             unsupported.append(f"{describe(n)} ({n.op} '{n.name}')")
-            consumers = tuple(u.name for u in n.users if u.op != "output")
-            source[n] = act_site(f"{n.name}_float_output", "input", n, "(float op)", describe(n), None,
-                                 consumers) if consumers and kind == "float" else None
+            float_site(n, kind)
             continue
         head = group[0] if group else n
         op_name = "+".join(types[x] for x in group) if group else t
         eff_type = types[head] if group and n in folded_bn else t
         if eff_type in VALUE_PRESERVING and not config.is_output_quantized(eff_type):
             source[n] = data_source(n)
+            if source[n] is None and any(a in float_region for a in _tensor_inputs(n)):
+                float_site(n, kind)
             continue
         if eff_type == "Concat" and config.rule("Concat").shared_encoding:
             ins = [source.get(a) for a in _tensor_inputs(n) if a.op != "get_attr"]

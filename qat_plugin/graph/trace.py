@@ -111,6 +111,6 @@ def propagate_shapes(gm: fx.GraphModule, args: tuple) -> None:
 def _kind(value) -> str:
     if isinstance(value, torch.Tensor):
         return "float" if value.is_floating_point() else "tensor"
-    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in value):
+    if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in value):
         return "float_seq"
     return "other"
