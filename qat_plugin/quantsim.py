@@ -143,6 +143,14 @@ class QuantSimModel:
         owner, _, attr = site.where.rpartition(".")
         return getattr(self.model.get_submodule(owner) if owner else self.model, attr).detach()
 
+    # ---- export --------------------------------------------------------------------------
+    def export(self, path: Union[str, os.PathLike], filename_prefix: str, dummy_input: Any, **kwargs):
+        """Write ``<prefix>.onnx`` (QDQ, INT8 weights), ``<prefix>.encodings`` (AIMET 0.6.1) and,
+        with ``export_fp32=True``, ``<prefix>_fp32.onnx``. See :func:`qat_plugin.export.export_onnx`."""
+        from .export.onnx import export_onnx
+
+        return export_onnx(self, path, filename_prefix, dummy_input, **kwargs)
+
     # ---- display -------------------------------------------------------------------------
     def __str__(self) -> str:
         return format_sites(self.plan.sites, self._quantizers, header=(

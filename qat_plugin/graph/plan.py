@@ -46,6 +46,9 @@ class QuantPlan:
     bn_folds: tuple[tuple[str, str], ...]  # (conv node, batchnorm node)
     groups: tuple[tuple[str, ...], ...]  # node names of each matched supergroup
     unsupported: tuple[str, ...]  # ops left in float, described
+    #: (value-preserving node, site key of the encoding its output is on). The simulation needs
+    #: nothing there; an export repeats the encoding after them so runtimes keep integer kernels.
+    passthrough: tuple[tuple[str, str], ...] = ()
 
     def site(self, key: str) -> QuantizerSite:
         for s in self.sites:
@@ -167,6 +170,7 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
                                  config.is_activation_symmetric(op_type), consumers=consumers))
 
     float_region: set[fx.Node] = set()
+    passthrough: list[tuple[str, str]] = []
 
     def float_site(n: fx.Node, kind: str) -> None:
         """``n`` holds a float value (an unknown op's output, or moved from one): quantize it
@@ -212,6 +216,8 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
         eff_type = types[head] if group and n in folded_bn else t
         if eff_type in VALUE_PRESERVING and not config.is_output_quantized(eff_type):
             source[n] = data_source(n)
+            if source[n] is not None and kind == "float":
+                passthrough.append((n.name, source[n]))
             if source[n] is None and any(a in float_region for a in _tensor_inputs(n)):
                 float_site(n, kind)
             continue
@@ -261,8 +267,9 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
                 if key in merged and src is not None and src in sites and merged.get(uf.find(src)):
                     merged[key] = replace(merged[key], bias_from=uf.find(src))
     ordered = sorted(merged.values(), key=lambda s: _order(s, nodes))
+    kept = tuple((n, uf.find(k)) for n, k in passthrough if uf.find(k) in merged)
     return QuantPlan(tuple(ordered), tuple((c.name, b.name) for c, b in folds.items()),
-                     tuple(tuple(x.name for x in g) for g in groups), tuple(unsupported))
+                     tuple(tuple(x.name for x in g) for g in groups), tuple(unsupported), kept)
 
 
 def _order(site: QuantizerSite, nodes: list[fx.Node]) -> tuple[int, int]:

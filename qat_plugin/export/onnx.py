@@ -1,0 +1,352 @@
+"""QDQ ONNX export with the installed torch's default exporter (``torch.onnx.export(dynamo=True)``).
+
+How: a copy of ``sim.model`` has every quantizer replaced by one custom op,
+``qat_plugin::quantize_dequantize``, whose ONNX translation is a QuantizeLinear +
+DequantizeLinear pair. Value-preserving ops (max-pool, reshape, flatten, ...) get the same
+encoding repeated after them, so that ONNX Runtime sees ``DQ -> op -> Q`` everywhere and keeps
+integer kernels. The exported graph is then rewritten: weights become INT8 (or INT4)
+initializers feeding DequantizeLinear, and biases of Conv/Gemm become int32 with
+``scale = input_scale * weight_scale``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from ..encoding import Encoding
+from ..errors import NotCalibratedError, QuantConfigError
+from .encodings import write_encodings
+
+DEFAULT_OPSET = 20
+#: bitwidth -> the first opset whose QuantizeLinear can express it
+MIN_OPSET = {8: 13, 4: 21, 16: 21}
+
+
+@torch.library.custom_op("qat_plugin::quantize_dequantize", mutates_args=())
+def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int,
+                        qmin: int, qmax: int) -> torch.Tensor:
+    """ONNX QuantizeLinear + DequantizeLinear semantics (zero point in ONNX's sign)."""
+    shape = [1] * x.dim()
+    if scale.dim():
+        shape[axis] = -1
+    s, z = scale.float().reshape(shape), zero_point.float().reshape(shape)
+    return ((torch.clamp(torch.round(x.float() / s) + z, qmin, qmax) - z) * s).to(x.dtype)
+
+
+@quantize_dequantize.register_fake
+def _(x, scale, zero_point, axis, qmin, qmax):
+    return torch.empty_like(x)
+
+
+def _translation(opset: int):
+    import onnxscript
+
+    op = getattr(onnxscript, f"opset{min(opset, 21 if hasattr(onnxscript, 'opset21') else 18)}")
+
+    def qdq(x, scale, zero_point, axis: int, qmin: int, qmax: int):
+        q = op.QuantizeLinear(x, scale, zero_point, axis=axis)
+        return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+    return {torch.ops.qat_plugin.quantize_dequantize.default: qdq}
+
+
+def _container_dtype(enc: Encoding) -> torch.dtype:
+    if enc.bitwidth <= 8:
+        return torch.int8 if enc.symmetric else torch.uint8
+    return torch.int16 if enc.symmetric else torch.uint16
+
+
+class _ExportQDQ(nn.Module):
+    """A quantizer frozen into ONNX's terms: scale, zero point, axis, integer range."""
+
+    def __init__(self, enc: Encoding):
+        super().__init__()
+        self.register_buffer("scale", enc.scale.float().clone())
+        self.register_buffer("zero_point", enc.onnx_zero_point().to(_container_dtype(enc)))
+        self.axis = enc.axis if enc.axis is not None else 0
+        self.qmin, self.qmax = (-(2 ** (enc.bitwidth - 1)), 2 ** (enc.bitwidth - 1) - 1) if enc.symmetric \
+            else (0, 2**enc.bitwidth - 1)
+
+    def forward(self, x):
+        return torch.ops.qat_plugin.quantize_dequantize(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
+
+
+@dataclass
+class ExportResult:
+    onnx_path: str
+    encodings_path: str
+    fp32_path: Optional[str]
+    opset: int
+    #: ONNX tensor name -> site key, for activations and weights
+    tensor_sites: dict[str, str]
+
+
+def _check_exportable(sim, opset: int) -> None:
+    missing = [k for k, q in sim.quantizers().items() if q.enabled and not q.is_initialized()]
+    if missing:
+        raise NotCalibratedError(f"cannot export: {len(missing)} quantizer(s) have no encoding (e.g. "
+                                 f"'{missing[0]}'); call sim.compute_encodings(...) first")
+    for key, q in sim.quantizers().items():
+        if not q.enabled:
+            continue
+        need = MIN_OPSET.get(q.bitwidth)
+        if need is None:
+            raise QuantConfigError(f"quantizer '{key}' is {q.bitwidth}-bit: ONNX QuantizeLinear expresses "
+                                   "4-bit and 16-bit grids (opset 21 and later) and 8-bit grids only")
+        if opset < need:
+            raise QuantConfigError(f"quantizer '{key}' is {q.bitwidth}-bit, which ONNX QuantizeLinear can "
+                                   f"express from opset {need}; export with opset_version={need} or later "
+                                   f"(asked for {opset})")
+
+
+def _export_copy(sim, quantized: bool) -> nn.Module:
+    """``sim.model`` with quantizers turned into the custom op (or into identities)."""
+    gm = copy.deepcopy(sim.model).eval()
+    for key, q in sim.quantizers().items():
+        site = sim.plan.site(key)
+        new = _ExportQDQ(q.encoding) if quantized and q.enabled else nn.Identity()
+        if site.module is not None:
+            layer = gm.get_submodule(site.module)
+            layer.param_quantizers["weight"] = new
+            layer.set_bias_input_quantizer(None)
+        else:
+            gm.quantizers[key] = new
+    if quantized:
+        by_name = {n.name: n for n in gm.graph.nodes}
+        for node_name, key in sim.plan.passthrough:
+            node = by_name.get(node_name)
+            if node is None or all(u.op == "call_module" and u.target == f"quantizers.{key}" for u in node.users):
+                continue
+            with gm.graph.inserting_after(node):
+                qn = gm.graph.call_module(f"quantizers.{key}", (node,))
+            node.replace_all_uses_with(qn, delete_user_cb=lambda u, qn=qn: u is not qn)
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
+def _torch_export(module: nn.Module, args: tuple, opset: int, dynamic_batch: bool, quantized: bool,
+                  input_names, output_names) -> onnx.ModelProto:
+    if dynamic_batch and all(isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 for a in args):
+        args = tuple(torch.cat([a, a]) for a in args)  # a batch of 1 would be specialized away
+    dynamic = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+                                    custom_translation_table=_translation(opset) if quantized else None,
+                                    input_names=input_names, output_names=output_names, verbose=False)
+    return program.model_proto
+
+
+class _Graph:
+    """Small index over an ONNX graph for the rewrites below."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.graph = model, model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def add_init(self, array: np.ndarray, name: str, dtype: Optional[int] = None) -> str:
+        base, i = name, 0
+        while name in self.inits:
+            i += 1
+            name = f"{base}_{i}"
+        if dtype is None:
+            tensor = numpy_helper.from_array(array, name)
+        else:
+            tensor = helper.make_tensor(name, dtype, array.shape, array.reshape(-1).tolist())
+        self.graph.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+    def uses(self, name: str) -> int:
+        return sum(name in n.input for n in self.graph.node) + sum(o.name == name for o in self.graph.output)
+
+    def drop_unused_initializers(self) -> None:
+        used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
+        keep = [t for t in self.graph.initializer if t.name in used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(keep)
+        self.inits = {t.name: t for t in keep}
+
+
+def _low_bit_type(bitwidth: int, signed: bool) -> Optional[int]:
+    if bitwidth == 4:
+        return onnx.TensorProto.INT4 if signed else onnx.TensorProto.UINT4
+    return None
+
+
+def _quantize_array(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int, qmin: int, qmax: int) -> np.ndarray:
+    shape = [1] * w.ndim
+    if scale.ndim:
+        shape[axis] = -1
+    q = np.rint(w.astype(np.float32) / scale.astype(np.float32).reshape(shape)) + zp.astype(np.int64).reshape(shape)
+    return np.clip(q, qmin, qmax)
+
+
+def _rewrite(model: onnx.ModelProto, site_of_scale: dict[str, Any]) -> dict[str, str]:
+    """Fold weight QuantizeLinear into integer initializers; int32 biases; 4-bit types.
+
+    ``site_of_scale`` maps a scale initializer name to ``(site key, Encoding)``. Returns
+    ONNX tensor name -> site key.
+    """
+    g = _Graph(model)
+    tensor_sites: dict[str, str] = {}
+    removed, retyped = [], set()
+    for node in list(g.graph.node):
+        if node.op_type != "QuantizeLinear":
+            continue
+        x, scale_name, zp_name = node.input[0], node.input[1], node.input[2]
+        key, enc = site_of_scale.get(scale_name, (None, None))
+        if key is None:
+            continue
+        signed = enc.symmetric
+        qmin, qmax = (-(2 ** (enc.bitwidth - 1)), 2 ** (enc.bitwidth - 1) - 1) if signed else (0, 2**enc.bitwidth - 1)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        low = _low_bit_type(enc.bitwidth, signed)
+        consumers = [n for n in g.graph.node if node.output[0] in n.input]
+        if low is not None:  # 4-bit: the zero point's type sets the grid for Q and DQ alike
+            retyped.add(node.output[0])
+            new_zp = g.add_init(g.array(zp_name), f"{zp_name}_int4", low)
+            for n in [node] + consumers:
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[2] == zp_name:
+                    n.input[2] = new_zp
+            zp_name = new_zp
+        if x in g.inits:  # a weight: store it quantized
+            q = _quantize_array(g.array(x), g.array(scale_name), numpy_helper.to_array(g.inits[zp_name]),
+                                axis, qmin, qmax)
+            np_type = {(8, True): np.int8, (8, False): np.uint8, (16, True): np.int16, (16, False): np.uint16}
+            if low is not None:
+                qname = g.add_init(q.astype(np.int8 if signed else np.uint8), f"{x}_quantized", low)
+            else:
+                qname = g.add_init(q.astype(np_type[(enc.bitwidth, signed)]), f"{x}_quantized")
+            for n in consumers:
+                n.input[0] = qname
+            removed.append(node)
+            tensor_sites[x] = key
+        else:
+            tensor_sites.setdefault(x, key)
+    for node in removed:
+        g.graph.node.remove(node)
+    keep = [v for v in g.graph.value_info if v.name not in retyped]  # their element type changed
+    del g.graph.value_info[:]
+    g.graph.value_info.extend(keep)
+    _int32_biases(g)
+    _global_average_pools(g)
+    g.drop_unused_initializers()
+    _strip_metadata(model)
+    return tensor_sites
+
+
+def _global_average_pools(g: _Graph) -> None:
+    """``ReduceMean(axes=spatial, keepdims=1)`` on an NCHW tensor is ``GlobalAveragePool``, which
+    ONNX Runtime runs as an integer kernel between Q/DQ (ReduceMean has none)."""
+    shapes = onnx.shape_inference.infer_shapes(g.model)
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in
+            list(shapes.graph.value_info) + list(shapes.graph.input) if v.type.tensor_type.HasField("shape")}
+    for node in g.graph.node:
+        if node.op_type != "ReduceMean" or node.input[0] not in rank:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1] in g.inits:
+            axes = g.array(node.input[1]).tolist()
+        r = rank[node.input[0]]
+        if axes is None or attrs.get("keepdims", 1) != 1 or r < 3:
+            continue
+        if sorted(a % r for a in axes) != list(range(2, r)):
+            continue
+        node.op_type = "GlobalAveragePool"
+        del node.input[1:]
+        del node.attribute[:]
+
+
+def _strip_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debugging metadata (stack traces, fx names): it is not needed
+    to run the model and is a large share of a small quantized file."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        del v.metadata_props[:]
+    for t in model.graph.initializer:
+        del t.metadata_props[:]
+
+
+def _int32_biases(g: _Graph) -> None:
+    producer = {o: n for n in g.graph.node for o in n.output}
+    for node in list(g.graph.node):
+        if node.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(node.input) < 3 or node.input[2] not in g.inits:
+            continue
+        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        if not dq_x or not dq_w or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
+            continue
+        if dq_x.input[1] not in g.inits or dq_w.input[1] not in g.inits:
+            continue
+        s_in, s_w = g.array(dq_x.input[1]), g.array(dq_w.input[1])
+        if s_in.ndim:
+            continue
+        bias = g.array(node.input[2]).astype(np.float32)
+        if node.op_type == "Gemm" and bias.ndim != 1:
+            continue
+        bias_scale = (np.float32(s_in) * s_w.astype(np.float32)) * np.ones_like(bias, dtype=np.float32)
+        q = np.clip(np.rint(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
+        qname = g.add_init(q, f"{node.input[2]}_quantized")
+        sname = g.add_init(bias_scale.astype(np.float32), f"{node.input[2]}_scale")
+        out = f"{node.input[2]}_dequantized"  # int32 zero point omitted: it defaults to 0
+        dq = helper.make_node("DequantizeLinear", [qname, sname], [out], name=f"{node.name}_bias_dq", axis=0)
+        g.graph.node.insert(list(g.graph.node).index(node), dq)
+        node.input[2] = out
+
+
+def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input: Any,
+                opset_version: Optional[int] = None, export_fp32: bool = False, dynamic_batch: bool = True,
+                input_names=None, output_names=None) -> ExportResult:
+    """Write ``<prefix>.onnx`` (QDQ), ``<prefix>.encodings`` (AIMET 0.6.1 JSON) and optionally
+    ``<prefix>_fp32.onnx`` (BN-folded float model without Q/DQ) into ``path``."""
+    needs_21 = any(q.enabled and q.bitwidth in (4, 16) for q in sim.quantizers().values())
+    opset = opset_version if opset_version is not None else (21 if needs_21 else DEFAULT_OPSET)
+    _check_exportable(sim, opset)
+    os.makedirs(path, exist_ok=True)
+    args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
+
+    model = _torch_export(_export_copy(sim, True), args, opset, dynamic_batch, True, input_names, output_names)
+    site_of_scale = {}
+    for key, q in sim.quantizers().items():
+        site = sim.plan.site(key)
+        prefix = f"{site.module}.param_quantizers.weight" if site.module is not None else f"quantizers.{key}"
+        site_of_scale[f"{prefix}.scale"] = (key, q.encoding)
+    tensor_sites = _rewrite(model, site_of_scale)
+    model.producer_name = "qat_plugin"
+    onnx.checker.check_model(model)
+    onnx_path = os.path.join(os.fspath(path), f"{filename_prefix}.onnx")
+    onnx.save(model, onnx_path)
+
+    encs = {k: q.encoding for k, q in sim.quantizers().items()}
+    params = {t: encs[k] for t, k in tensor_sites.items() if sim.plan.site(k).kind == "param"}
+    acts = {t: encs[k] for t, k in tensor_sites.items() if t not in params}
+    enc_path = os.path.join(os.fspath(path), f"{filename_prefix}.encodings")
+    write_encodings(enc_path, acts, params, {
+        "activation_bitwidth": sim.output_bw, "param_bitwidth": sim.param_bw, "dtype": "int",
+        "quant_scheme": sim.quant_scheme, "config": sim.config.name,
+        "per_channel_quantization": sim.config.per_channel_quantization, "opset": opset})
+
+    fp32_path = None
+    if export_fp32:
+        fp32 = _torch_export(_export_copy(sim, False), args, opset, dynamic_batch, False, input_names, output_names)
+        _strip_metadata(fp32)
+        fp32_path = os.path.join(os.fspath(path), f"{filename_prefix}_fp32.onnx")
+        onnx.save(fp32, fp32_path)
+    return ExportResult(onnx_path, enc_path, fp32_path, opset, tensor_sites)
