@@ -85,6 +85,7 @@ class QuantizeDequantize(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized = False  # python mirror of the buffer: no device sync in forward
         self._observer = None
+        self._monitor = None  # observes while the quantizer keeps quantizing (encoding annealing)
 
     # ---- state ---------------------------------------------------------------------------
     def is_initialized(self) -> bool:
@@ -137,6 +138,14 @@ class QuantizeDequantize(nn.Module):
         observer, self._observer = self._observer, None
         return observer
 
+    def start_monitoring(self, observer) -> None:
+        """Show inputs to ``observer`` while quantizing as usual (used by encoding annealing)."""
+        self._monitor = observer
+
+    def stop_monitoring(self):
+        observer, self._monitor = self._monitor, None
+        return observer
+
     @contextlib.contextmanager
     def compute_encodings(self, scheme: str = "tf", **kwargs):
         """Observe what passes through, then set the encoding from it (``tf``, ``tf_enhanced``, ``percentile``)."""
@@ -156,6 +165,8 @@ class QuantizeDequantize(nn.Module):
         if self._observer is not None:
             self._observer.observe(x.detach())
             return x
+        if self._monitor is not None:
+            self._monitor.observe(x.detach())
         if not self._initialized:
             raise NotCalibratedError(
                 f"quantizer '{self.name or type(self).__name__}' has no encoding: call "

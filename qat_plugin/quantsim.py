@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .calibration import QUANT_SCHEMES, encoding_from_observer, make_observer
+from .calibration.observers import all_reduce_observer
 from .config import RuntimeConfig, load_config
 from .encoding import Encoding
 from .errors import QuantConfigError, did_you_mean
@@ -102,8 +103,9 @@ class QuantSimModel:
                           forward_pass_callback_args: Any = None) -> None:
         """Run ``forward_pass_callback(sim.model, forward_pass_callback_args)`` with every
         activation quantizer observing (values pass through unchanged), then set all
-        encodings at once. Weight encodings come from the weights. On any error (NaN/Inf in
-        the data, a failing callback) no encoding changes."""
+        encodings at once. Weight encodings come from the weights. Under DDP the statistics
+        are all-reduced first, so every rank holds identical encodings. On any error (NaN/Inf
+        in the data, a failing callback) no encoding changes."""
         params = {k: q for k, q in self._quantizers.items() if self._site(k).kind == "param"}
         acts = {k: q for k, q in self._quantizers.items() if k not in params}
         snapshot = {k: {n: t.clone() for n, t in q.state_dict().items()} for k, q in self._quantizers.items()}
@@ -121,6 +123,8 @@ class QuantSimModel:
                     forward_pass_callback(self.model, forward_pass_callback_args)
             finally:
                 observers = {k: q.stop_calibration() for k, q in acts.items()}
+            for obs in observers.values():  # DDP: every rank computes from the same statistics
+                all_reduce_observer(obs)
             new = {k: self._encoding_from(observers[k], q) for k, q in acts.items()}
         except BaseException:
             for key, q in self._quantizers.items():

@@ -127,3 +127,42 @@ class HistogramObserver:
 
     def has_data(self) -> bool:
         return self.hist is not None
+
+
+def _world():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def all_reduce_observer(observer) -> None:
+    """Merge an observer's statistics across DDP ranks, in place, so that every rank ends with
+    identical statistics (and so bit-identical encodings). A no-op without a process group.
+
+    Min-max: all-reduce MIN / MAX. Histogram: all-reduce the range (MIN / MAX), re-bin every
+    rank's counts onto the common range, then all-reduce SUM. A rank that saw no data takes part
+    with an empty histogram.
+    """
+    dist = _world()
+    if dist is None:
+        return
+    if isinstance(observer, MinMaxObserver):
+        lo, hi = observer.min, observer.max
+        if lo is None:
+            raise RuntimeError(f"quantizer site '{observer.name}': cannot merge statistics of a rank that saw "
+                               "no data (give every rank calibration batches)")
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        return
+    h = observer.hist
+    if h is None:
+        raise RuntimeError(f"quantizer site '{observer.name}': cannot merge statistics of a rank that saw no "
+                           "data (give every rank calibration batches)")
+    lo, hi = h.lo.clone(), h.hi.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    merged = rebin(h, lo, hi) if not (torch.equal(lo, h.lo) and torch.equal(hi, h.hi)) else Histogram(h.counts.clone(), lo, hi)
+    dist.all_reduce(merged.counts, op=dist.ReduceOp.SUM)
+    observer.hist = merged

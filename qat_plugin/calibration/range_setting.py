@@ -85,7 +85,12 @@ def expected_noise(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, bitwidth
     ``p*c`` and ``p*c**2``, so the cost is ``O(C * (B + K log B))``, not ``O(C * K * B)``.
     """
     scale, offset = grid_of(lo, hi, bitwidth, symmetric)
-    qlo, qhi = offset * scale, (offset + num_steps(bitwidth)) * scale
+    return grid_noise(hist, scale, offset * scale, (offset + num_steps(bitwidth)) * scale, clip_weight)
+
+
+def grid_noise(hist: Histogram, scale: torch.Tensor, qlo: torch.Tensor, qhi: torch.Tensor,
+               clip_weight: float = SQNR_CLIP_WEIGHT) -> torch.Tensor:
+    """:func:`expected_noise` for grids given directly: ``scale``, ``qlo``, ``qhi`` are ``(C, K)``."""
     c = hist.centers
     p = hist.counts / hist.counts.sum(1, keepdim=True).clamp_min(1e-300)
     prefix = [torch.nn.functional.pad(torch.cumsum(p * c**k, 1), (1, 0)) for k in range(3)]
@@ -97,6 +102,19 @@ def expected_noise(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor, bitwidth
     clip_hi = above[2] - 2 * qhi * above[1] + qhi**2 * above[0]
     inside = prefix[0].gather(1, n_hi) - below[0]
     return scale**2 / 12 * inside + clip_weight * (clip_lo.clamp_min(0) + clip_hi.clamp_min(0))
+
+
+def sqnr_db(hist: Histogram, noise: torch.Tensor) -> torch.Tensor:
+    """``10 log10(E[x^2] / noise)`` per channel, for a ``(C,)`` noise."""
+    p = hist.counts / hist.counts.sum(1, keepdim=True).clamp_min(1e-300)
+    power = (p * hist.centers**2).sum(1)
+    return 10 * torch.log10(power.clamp_min(1e-300) / noise.clamp_min(1e-300))
+
+
+def encoding_sqnr(hist: Histogram, enc) -> torch.Tensor:
+    """Expected SQNR (dB) of an existing :class:`~qat_plugin.encoding.Encoding` on ``hist``, ``(C,)``."""
+    col = lambda t: t.reshape(-1, 1).to(torch.float64).expand(hist.counts.shape[0], 1)
+    return sqnr_db(hist, grid_noise(hist, col(enc.scale), col(enc.min), col(enc.max))[:, 0])
 
 
 def sqnr_search(hist: Histogram, bitwidth: int, symmetric: bool, clip_weight: float = SQNR_CLIP_WEIGHT,
@@ -116,7 +134,5 @@ def sqnr_search(hist: Histogram, bitwidth: int, symmetric: bool, clip_weight: fl
         best = noise.argmin(1, keepdim=True)
         los.append(lo_c[s:s + chunk].gather(1, best)[:, 0])
         his.append(hi_c[s:s + chunk].gather(1, best)[:, 0])
-        p = part.counts / part.counts.sum(1, keepdim=True).clamp_min(1e-300)
-        power = (p * part.centers**2).sum(1)
-        dbs.append(10 * torch.log10(power.clamp_min(1e-300) / noise.gather(1, best)[:, 0].clamp_min(1e-300)))
+        dbs.append(sqnr_db(part, noise.gather(1, best)[:, 0]))
     return SqnrResult(torch.cat(los), torch.cat(his), torch.cat(dbs))

@@ -1,0 +1,189 @@
+"""SQNR-based encoding annealing during fine-tuning (framework-free; the Lightning callback and
+hand-written loops both drive it).
+
+Every ``every_n_steps`` optimizer steps inside the window ``(start_step, end_step]``, each
+quantizer's SQNR-optimal range is computed (activations: from histograms of the last
+``stat_batches`` training batches; weights: from the current weights, per channel) and the
+live range moves toward it::
+
+    [min, max] <- (1 - alpha_t) * [min, max] + alpha_t * [min_sqnr, max_sqnr]
+    alpha_t = alpha0 * 0.5 * (1 + cos(pi * u))      (schedule="cosine")
+    alpha_t = alpha0 * (1 - u)                      (schedule="linear")
+    u = (t - start_step) / (end_step - start_step)
+
+The grid (scale, offset) follows from the blended range as in
+:meth:`qat_plugin.encoding.Encoding.from_min_max`. After ``end_step`` no update happens again
+(the encodings are frozen) and, with ``freeze_ranges=True``, learned ranges stop learning too.
+``t`` counts applied optimizer steps: a step the loss scaler skips for inf/NaN gradients moves
+neither the encodings nor the schedule.
+
+>>> cfg = AnnealingConfig(start_step=0, end_step=100, every_n_steps=10, alpha0=0.5)
+>>> [round(cfg.alpha(t), 3) for t in (10, 50, 100)]
+[0.488, 0.25, 0.0]
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from .calibration import HistogramObserver
+from .calibration.observers import all_reduce_observer
+from .calibration.range_setting import encoding_sqnr, sqnr_search
+from .encoding import Encoding
+from .errors import QuantConfigError, did_you_mean
+
+SCHEDULES = ("cosine", "linear")
+
+
+@dataclass(frozen=True)
+class AnnealingConfig:
+    """When and how strongly encodings move toward their SQNR-optimal values."""
+
+    start_step: int = 0
+    end_step: int = 200
+    every_n_steps: int = 10
+    alpha0: float = 0.5
+    schedule: str = "cosine"
+    stat_batches: int = 2
+    include_weights: bool = True
+    freeze_ranges: bool = True
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise QuantConfigError(f"unknown annealing schedule '{self.schedule}'." + did_you_mean(self.schedule, SCHEDULES))
+        if not 0.0 < self.alpha0 <= 1.0:
+            raise QuantConfigError(f"alpha0 must be in (0, 1], got {self.alpha0}")
+        if self.start_step < 0 or self.end_step <= self.start_step:
+            raise QuantConfigError(f"need 0 <= start_step < end_step, got {self.start_step}, {self.end_step}")
+        if self.every_n_steps < 1 or not 1 <= self.stat_batches <= self.every_n_steps:
+            raise QuantConfigError("need every_n_steps >= 1 and 1 <= stat_batches <= every_n_steps, got "
+                                   f"{self.every_n_steps}, {self.stat_batches}")
+
+    def alpha(self, t: int) -> float:
+        u = min(max((t - self.start_step) / (self.end_step - self.start_step), 0.0), 1.0)
+        decay = 0.5 * (1 + math.cos(math.pi * u)) if self.schedule == "cosine" else 1.0 - u
+        return self.alpha0 * decay
+
+    def is_update_step(self, t: int) -> bool:
+        """Whether the encodings move after applied step ``t`` (1-based)."""
+        return self.start_step < t <= self.end_step and (t - self.start_step) % self.every_n_steps == 0
+
+    def is_monitored_step(self, t: int) -> bool:
+        """Whether batch ``t`` (the one that becomes applied step ``t``) feeds the statistics."""
+        if not self.start_step < t <= self.end_step:
+            return False
+        until_update = (-(t - self.start_step)) % self.every_n_steps
+        return until_update < self.stat_batches
+
+
+class EncodingAnnealer:
+    """Drives :class:`AnnealingConfig` over a :class:`~qat_plugin.QuantSimModel`.
+
+    In a training loop::
+
+        annealer = EncodingAnnealer(sim, AnnealingConfig(end_step=300))
+        for x, y in loader:
+            annealer.before_batch()
+            loss = criterion(sim.model(x), y); loss.backward()
+            applied = amp.step(optimizer)          # False when the scaler skipped the step
+            metrics = annealer.after_step(applied)  # {"alpha": ..., "sqnr_db/<site>": ...} on updates
+    """
+
+    def __init__(self, sim, config: Optional[AnnealingConfig] = None):
+        self.sim = sim
+        self.config = config if config is not None else AnnealingConfig()
+        self.step = 0
+        self.updates = 0
+        self.frozen = False
+        self._monitoring = False
+
+    def _activation_quantizers(self):
+        return {k: q for k, q in self.sim.quantizers().items()
+                if self.sim.plan.site(k).kind != "param" and q.enabled and q.is_initialized()}
+
+    def _param_quantizers(self):
+        return {k: q for k, q in self.sim.quantizers().items()
+                if self.sim.plan.site(k).kind == "param" and q.enabled and q.is_initialized()}
+
+    # ---- loop hooks --------------------------------------------------------------------------
+    def before_batch(self) -> None:
+        """Attach or detach the statistics monitors for the coming batch."""
+        want = not self.frozen and self.config.is_monitored_step(self.step + 1)
+        if want and not self._monitoring:
+            for key, q in self._activation_quantizers().items():
+                q.start_monitoring(HistogramObserver(num_bins=512, name=key))
+        elif not want and self._monitoring:
+            self._stop_monitors()
+        self._monitoring = want
+
+    def after_step(self, applied: bool = True) -> dict:
+        """Advance the schedule by one applied optimizer step; update encodings when due."""
+        if not applied:
+            return {}
+        self.step += 1
+        metrics = {}
+        if not self.frozen and self.config.is_update_step(self.step):
+            metrics = self.update(self.config.alpha(self.step))
+        if not self.frozen and self.step >= self.config.end_step:
+            self.freeze()
+        return metrics
+
+    # ---- the update --------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, alpha: float) -> dict:
+        """Blend every quantizer toward its SQNR-optimal encoding with weight ``alpha``."""
+        metrics: dict = {"alpha": alpha}
+        observers = self._stop_monitors()
+        self._monitoring = False
+        for key, obs in observers.items():
+            q = self.sim.quantizers()[key]
+            if obs is None or not obs.has_data():
+                continue
+            all_reduce_observer(obs)
+            metrics[f"sqnr_db/{key}"] = self._blend(q, obs.hist, alpha)
+        if self.config.include_weights:
+            for key, q in self._param_quantizers().items():
+                obs = HistogramObserver(num_bins=256, axis=q.axis, name=key)
+                obs.observe(self.sim._weight_of(key))
+                metrics[f"sqnr_db/{key}"] = self._blend(q, obs.hist, alpha)
+        self.updates += 1
+        dbs = {k: v for k, v in metrics.items() if k.startswith("sqnr_db/")}
+        if dbs:
+            metrics["sqnr_db_min"] = min(dbs.values())
+        return metrics
+
+    @staticmethod
+    def _blend(q, hist, alpha: float) -> float:
+        best = sqnr_search(hist, q.bitwidth, q.symmetric)
+        cur = q.encoding
+        shape = cur.scale.shape
+        lo = (1 - alpha) * cur.min + alpha * best.min.reshape(shape)
+        hi = (1 - alpha) * cur.max + alpha * best.max.reshape(shape)
+        new = Encoding.from_min_max(lo, hi, q.bitwidth, q.symmetric, q.axis)
+        q.set_encoding(new)
+        return float(encoding_sqnr(hist, new).mean())
+
+    def freeze(self) -> None:
+        """No more updates; learned ranges stop learning if ``freeze_ranges``."""
+        self._stop_monitors()
+        self._monitoring = False
+        self.frozen = True
+        if self.config.freeze_ranges:
+            for q in self.sim.quantizers().values():
+                q.freeze()
+
+    def _stop_monitors(self) -> dict:
+        return {k: q.stop_monitoring() for k, q in self.sim.quantizers().items() if q._monitor is not None}
+
+    # ---- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "updates": self.updates, "frozen": self.frozen, "config": asdict(self.config)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.updates = int(state["step"]), int(state["updates"])
+        if state["frozen"] and not self.frozen:
+            self.freeze()
+        self.frozen = bool(state["frozen"])
