@@ -157,14 +157,16 @@ class EncodingAnnealer:
 
     @staticmethod
     def _blend(q, hist, alpha: float) -> float:
-        best = sqnr_search(hist, q.bitwidth, q.symmetric)
         cur = q.encoding
-        shape = cur.scale.shape
-        lo = (1 - alpha) * cur.min + alpha * best.min.reshape(shape)
-        hi = (1 - alpha) * cur.max + alpha * best.max.reshape(shape)
-        new = Encoding.from_min_max(lo, hi, q.bitwidth, q.symmetric, q.axis)
-        q.set_encoding(new)
-        return float(encoding_sqnr(hist, new).mean())
+        if alpha > 0:
+            best = sqnr_search(hist, q.bitwidth, q.symmetric)
+            target = Encoding.from_min_max(best.min.reshape(cur.scale.shape), best.max.reshape(cur.scale.shape),
+                                           q.bitwidth, q.symmetric, q.axis)
+            (lo, hi), (tlo, thi) = cur.range(), target.range()
+            cur = Encoding.from_min_max((1 - alpha) * lo + alpha * tlo, (1 - alpha) * hi + alpha * thi,
+                                        q.bitwidth, q.symmetric, q.axis)
+            q.set_encoding(cur)
+        return float(encoding_sqnr(hist, cur).mean())
 
     def freeze(self) -> None:
         """No more updates; learned ranges stop learning if ``freeze_ranges``."""

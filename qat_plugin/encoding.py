@@ -65,6 +65,17 @@ class Encoding:
     def max(self) -> torch.Tensor:
         return (self.offset + num_steps(self.bitwidth)) * self.scale
 
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(min, max)`` that :meth:`from_min_max` maps back to this same encoding.
+
+        Asymmetric: the grid's ends. Symmetric: ``+-scale * (2**(b-1) - 1)`` (the grid's
+        extra negative level is not part of the requested range).
+        """
+        if self.symmetric:
+            top = self.scale * (2 ** (self.bitwidth - 1) - 1)
+            return -top, top
+        return self.min, self.max
+
     @property
     def per_channel(self) -> bool:
         return self.axis is not None
@@ -90,6 +101,9 @@ class Encoding:
             scale = torch.clamp((hi - lo) / num_steps(bitwidth), min=tiny)
             offset = torch.round(lo / scale)
         return cls(scale, offset, bitwidth, symmetric, axis)
+
+    def to_cpu(self) -> "Encoding":
+        return Encoding(self.scale.cpu(), self.offset.cpu(), self.bitwidth, self.symmetric, self.axis)
 
     def onnx_zero_point(self) -> torch.Tensor:
         """Zero point in ONNX's view: 0 (signed int) when symmetric, ``-offset`` (unsigned) otherwise."""

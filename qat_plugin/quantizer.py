@@ -23,6 +23,9 @@ from .encoding import Encoding, num_steps
 from .errors import NotCalibratedError
 
 
+_MIN_SCALE = torch.finfo(torch.float32).tiny * 2**10
+
+
 class _RoundSTE(torch.autograd.Function):
     """``round`` forward (half to even, as ONNX), identity backward.
 
@@ -41,13 +44,21 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int) -> torch.Tensor:
+def _grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
+    """``t`` in the forward pass; its gradient multiplied by ``g`` in the backward pass."""
+    return (t - t * g).detach() + t * g
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int,
+                  grad_factor: float = 1.0) -> torch.Tensor:
     """Affine fake-quantization with STE/LSQ gradients (``scale``/``offset`` already broadcastable).
 
     Gradients: ``x`` gets 1 inside the grid's range and 0 outside (clamp); ``scale`` gets
     LSQ's ``round(x/s) - x/s`` inside and the clipping level outside; ``offset`` gets 0 inside
-    and ``scale`` outside (LSQ+).
+    and ``scale`` outside (LSQ+). Both range gradients are multiplied by ``grad_factor``.
     """
+    if grad_factor != 1.0 and (scale.requires_grad or offset.requires_grad):
+        scale, offset = _grad_scale(scale, grad_factor), _grad_scale(offset, grad_factor)
     offset = _RoundSTE.apply(offset)
     q = torch.clamp(_RoundSTE.apply(x / scale) - offset, 0, num_steps(bitwidth))
     return (q + offset) * scale
@@ -61,7 +72,8 @@ class QuantizeDequantize(nn.Module):
         bitwidth: 2 to 16.
         symmetric: symmetric signed grid (offset fixed at ``-2**(b-1)``) or asymmetric.
         axis: channel axis for per-channel quantization (``None`` per-tensor).
-        learnable: whether scale (and offset, if asymmetric) get gradients.
+        learnable: whether scale (and offset, if asymmetric) get gradients, LSQ-style: scaled by
+            ``1 / sqrt(N * (2**b - 1))`` with ``N`` the values per scale (Esser et al., 2020).
 
     The math runs in float32 with autocast disabled whatever the input dtype. The output
     takes the input's dtype, except that a 16-bit float input to a grid wider than 8 bits
@@ -104,11 +116,15 @@ class QuantizeDequantize(nn.Module):
         self.scale.requires_grad_(True)
         self.offset.requires_grad_(not self.symmetric)
 
+    def _positive_scale(self) -> torch.Tensor:
+        """Learned scales can be pushed through zero by an optimizer; the grid uses ``|scale|``."""
+        return self.scale.abs().clamp_min(_MIN_SCALE) if self.learnable else self.scale
+
     @property
     def encoding(self) -> Optional[Encoding]:
         if not self._initialized:
             return None
-        return Encoding(self.scale.detach().double().clone(), torch.round(self.offset.detach().double()),
+        return Encoding(self._positive_scale().detach().double().clone(), torch.round(self.offset.detach().double()),
                         self.bitwidth, self.symmetric, self.axis)
 
     def set_encoding(self, enc: Encoding) -> None:
@@ -172,12 +188,14 @@ class QuantizeDequantize(nn.Module):
                 f"quantizer '{self.name or type(self).__name__}' has no encoding: call "
                 "sim.compute_encodings(forward_pass_callback) before running the simulation")
         with torch.autocast(device_type=x.device.type, enabled=False):
-            scale, offset = self.scale, self.offset
+            scale, offset = self._positive_scale(), self.offset
             if self.axis is not None:
                 shape = [1] * x.dim()
                 shape[self.axis] = -1
                 scale, offset = scale.reshape(shape), offset.reshape(shape)
-            out = fake_quantize(x.float(), scale.float(), offset.float(), self.bitwidth)
+            # LSQ's gradient scale: 1 / sqrt(values per scale * levels)
+            g = (x.numel() / max(1, self.scale.numel()) * num_steps(self.bitwidth)) ** -0.5 if self.learnable else 1.0
+            out = fake_quantize(x.float(), scale.float(), offset.float(), self.bitwidth, g)
         if x.dtype in (torch.float16, torch.bfloat16) and self.bitwidth > 8:
             return out
         return out.to(x.dtype)

@@ -50,3 +50,12 @@ def test_json_entries_per_channel():
     enc = Encoding.from_min_max(torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0]), 8, True, axis=0)
     entries = enc.to_json()
     assert len(entries) == 2 and entries[1]["scale"] == pytest.approx(2 / 127) and entries[0]["offset"] == -128
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bw", [4, 8, 16])
+def test_range_round_trips_through_from_min_max(symmetric, bw):
+    enc = Encoding.from_min_max(torch.tensor([-0.3, -2.0]), torch.tensor([1.7, 0.5]), bw, symmetric, axis=0)
+    again = Encoding.from_min_max(*enc.range(), bw, symmetric, axis=0)
+    assert torch.equal(again.offset, enc.offset)
+    torch.testing.assert_close(again.scale, enc.scale, rtol=1e-14, atol=0)

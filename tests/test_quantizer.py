@@ -46,6 +46,7 @@ def test_ste_gradients_match_lsq_reference():
     q = make(4, False, learnable=True)
     x = torch.tensor([-3.0, -0.61, 0.0, 0.37, 1.9, 9.0], requires_grad=True)
     q(x).sum().backward()
+    g = (6 * 15) ** -0.5  # LSQ gradient scale: 1 / sqrt(values per scale * levels)
     s, o = float(q.scale.detach()), float(torch.round(q.offset.detach()))
     lo, hi = o * s, (o + 15) * s
     inside = [(lo <= v.item() <= hi) for v in x.detach()]
@@ -60,8 +61,17 @@ def test_ste_gradients_match_lsq_reference():
         else:
             exp_s += (o if v < lo else o + 15)
             exp_o += s
-    assert q.scale.grad.item() == pytest.approx(exp_s, abs=1e-4)
-    assert q.offset.grad.item() == pytest.approx(exp_o, abs=1e-5)
+    assert q.scale.grad.item() == pytest.approx(g * exp_s, abs=1e-4)
+    assert q.offset.grad.item() == pytest.approx(g * exp_o, abs=1e-5)
+
+
+def test_learned_scale_stays_positive():
+    q = make(8, False, learnable=True)
+    with torch.no_grad():
+        q.scale.mul_(-1)  # an optimizer overshot through zero
+    assert float(q.encoding.scale) > 0
+    x = torch.randn(100)
+    torch.testing.assert_close(q(x), make(8, False)(x))
 
 
 def test_symmetric_offset_is_not_learnable():

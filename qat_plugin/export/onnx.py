@@ -111,10 +111,10 @@ def _check_exportable(sim, opset: int) -> None:
 
 def _export_copy(sim, quantized: bool) -> nn.Module:
     """``sim.model`` with quantizers turned into the custom op (or into identities)."""
-    gm = copy.deepcopy(sim.model).eval()
+    gm = copy.deepcopy(sim.model).cpu().eval()
     for key, q in sim.quantizers().items():
         site = sim.plan.site(key)
-        new = _ExportQDQ(q.encoding) if quantized and q.enabled else nn.Identity()
+        new = _ExportQDQ(q.encoding.to_cpu()) if quantized and q.enabled else nn.Identity()
         if site.module is not None:
             layer = gm.get_submodule(site.module)
             layer.param_quantizers["weight"] = new
@@ -321,6 +321,7 @@ def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input:
     _check_exportable(sim, opset)
     os.makedirs(path, exist_ok=True)
     args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
+    args = tuple(a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
 
     model = _torch_export(_export_copy(sim, True), args, opset, dynamic_batch, True, input_names, output_names)
     site_of_scale = {}

@@ -1,0 +1,4 @@
+"""Lightning callbacks."""
+from .qat import QuantizationAwareTraining
+
+__all__ = ["QuantizationAwareTraining"]

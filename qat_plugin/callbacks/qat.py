@@ -1,0 +1,266 @@
+"""QuantizationAwareTraining: one Lightning callback that quantizes, calibrates, anneals and exports.
+
+Lifecycle:
+
+* ``setup`` (every stage): the network is replaced by its simulation, so the optimizer that
+  Lightning builds next holds the learnable ranges, and a checkpoint's quantizer state loads
+  into matching modules (resume, ``validate``/``test`` with ``ckpt_path``).
+* ``on_train_start``: calibration on ``calibration_batches`` training batches, no gradient
+  steps (skipped when a checkpoint already brought encodings).
+* every optimizer step: SQNR annealing (:mod:`qat_plugin.annealing`) and range freezing; a step
+  the precision plugin's GradScaler skips moves nothing.
+* ``on_fit_end``: optional ONNX export.
+
+The callback's own state is plain values; encodings live in the model's ``state_dict``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from pytorch_lightning import Callback, LightningModule, Trainer
+from torch import nn
+
+from ..annealing import AnnealingConfig, EncodingAnnealer
+from ..calibration import QUANT_SCHEMES
+from ..errors import QuantConfigError, did_you_mean
+from ..precision import loss_scaler
+from ..quantsim import QuantSimModel
+
+
+def _default_input(batch: Any) -> Any:
+    """The model input in a batch: the batch itself, its first element, or ``batch["x"|"input"]``."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("x", "input", "inputs", "image", "images"):
+            if key in batch:
+                return batch[key]
+    raise ValueError("cannot find the model input in the batch; pass input_fn=lambda batch: ... to "
+                     "QuantizationAwareTraining")
+
+
+class QuantizationAwareTraining(Callback):
+    """Quantization-aware fine-tuning of a LightningModule's network.
+
+    Args:
+        quant_scheme, default_param_bw, default_output_bw, config_file, leaf_modules: as in
+            :class:`~qat_plugin.QuantSimModel`.
+        module_name: the attribute (dotted path) of the LightningModule holding the network
+            to quantize. Default: its only child module with parameters.
+        dummy_input: an input for tracing; default ``example_input_array`` or a datamodule batch.
+        calibration_batches: training batches used to calibrate at the start of fit.
+        calibration_dataloader: calibrate on this instead of the training data.
+        annealing: ``True``, an :class:`~qat_plugin.annealing.AnnealingConfig` or its fields as a
+            dict to anneal encodings toward SQNR-optimal ones; ``None``/``False`` for none.
+        learn_ranges: give scale/offset gradients (LSQ-style).
+        freeze_ranges_step: stop learning ranges after this many applied optimizer steps.
+        export_dir, export_prefix: export ONNX + encodings there at the end of fit.
+        input_fn: picks the model input out of a batch (default: tensor, ``batch[0]`` or ``batch["x"]``).
+        log_every_n_steps: how often the loss scale and encodings are logged.
+    """
+
+    def __init__(self, quant_scheme: str = "tf_enhanced", default_param_bw: int = 8, default_output_bw: int = 8,
+                 config_file: Any = None, module_name: Optional[str] = None, dummy_input: Any = None,
+                 leaf_modules: Sequence = (), calibration_batches: int = 16,
+                 calibration_dataloader: Optional[Any] = None,
+                 annealing: Union[None, bool, dict, AnnealingConfig] = None, learn_ranges: bool = False,
+                 freeze_ranges_step: Optional[int] = None, export_dir: Optional[str] = None,
+                 export_prefix: str = "model", input_fn: Optional[Callable[[Any], Any]] = None,
+                 log_every_n_steps: int = 50):
+        if quant_scheme not in QUANT_SCHEMES:
+            raise QuantConfigError(f"unknown quant_scheme '{quant_scheme}'." + did_you_mean(quant_scheme, QUANT_SCHEMES))
+        if calibration_batches < 1:
+            raise QuantConfigError(f"calibration_batches must be >= 1, got {calibration_batches}")
+        if annealing is True:
+            annealing = AnnealingConfig()
+        elif isinstance(annealing, dict):
+            fields = set(AnnealingConfig.__dataclass_fields__)
+            for key in annealing:
+                if key not in fields:
+                    raise QuantConfigError(f"unknown annealing field '{key}'." + did_you_mean(key, fields))
+            annealing = AnnealingConfig(**annealing)
+        elif annealing is False:
+            annealing = None
+        elif annealing is not None and not isinstance(annealing, AnnealingConfig):
+            raise QuantConfigError(f"annealing must be True/False, a dict or an AnnealingConfig, got {annealing!r}")
+        self.sim_kwargs = dict(quant_scheme=quant_scheme, default_param_bw=default_param_bw,
+                               default_output_bw=default_output_bw, config_file=config_file,
+                               leaf_modules=tuple(leaf_modules), learnable=learn_ranges)
+        self.module_name = module_name
+        self.dummy_input = dummy_input
+        self.calibration_batches = calibration_batches
+        self.calibration_dataloader = calibration_dataloader
+        self.annealing: Optional[AnnealingConfig] = annealing
+        self.freeze_ranges_step = freeze_ranges_step
+        self.export_dir, self.export_prefix = export_dir, export_prefix
+        self.input_fn = input_fn or _default_input
+        self.log_every_n_steps = log_every_n_steps
+
+        self.sim: Optional[QuantSimModel] = None
+        self.annealer: Optional[EncodingAnnealer] = None
+        self.applied_steps = 0
+        self.ranges_frozen = False
+        self._tracing_input = None
+        self._scale_before: Optional[float] = None
+        self._stepping = False
+        self._pending_state: Optional[dict] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(module_name=self.module_name)
+
+    # ---- structure ---------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.sim is not None:
+            return
+        name = self.resolve_module_name(pl_module)
+        network = pl_module.get_submodule(name)
+        self._tracing_input = self._find_dummy_input(trainer, pl_module)
+        self.sim = QuantSimModel(network, self._tracing_input, **self.sim_kwargs)
+        parent, _, attr = name.rpartition(".")
+        setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, self.sim.model)
+        if self.annealing is not None:
+            self.annealer = EncodingAnnealer(self.sim, self.annealing)
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+
+    def resolve_module_name(self, pl_module: LightningModule) -> str:
+        if self.module_name is not None:
+            try:
+                pl_module.get_submodule(self.module_name)
+            except AttributeError:
+                names = [n for n, _ in pl_module.named_modules() if n]
+                raise QuantConfigError(f"the LightningModule has no submodule '{self.module_name}'."
+                                       + did_you_mean(self.module_name, names)) from None
+            return self.module_name
+        candidates = [n for n, m in pl_module.named_children() if any(True for _ in m.parameters())]
+        if len(candidates) != 1:
+            raise QuantConfigError("cannot tell which submodule to quantize; pass module_name= one of "
+                                   f"{candidates or [n for n, _ in pl_module.named_children()]}")
+        return candidates[0]
+
+    def _find_dummy_input(self, trainer: Trainer, pl_module: LightningModule):
+        if self.dummy_input is not None:
+            return self.dummy_input
+        if getattr(pl_module, "example_input_array", None) is not None:
+            return pl_module.example_input_array
+        loader = self.calibration_dataloader
+        if loader is None and trainer.datamodule is not None:
+            loader = trainer.datamodule.train_dataloader()
+        if loader is not None:
+            return self.input_fn(next(iter(loader)))
+        raise QuantConfigError("QuantizationAwareTraining needs an input to trace the network: set "
+                               "dummy_input=, the LightningModule's example_input_array, or use a datamodule")
+
+    # ---- calibration -------------------------------------------------------------------------
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if all(q.is_initialized() for q in self.sim.quantizers().values() if q.enabled):
+            return  # restored from a checkpoint
+        self.calibrate(trainer, pl_module)
+
+    def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loader = self.calibration_dataloader if self.calibration_dataloader is not None else trainer.train_dataloader
+        model = self.sim.model
+        was_training = model.training
+
+        def forward(m, _):
+            for i, batch in enumerate(loader):
+                if i >= self.calibration_batches:
+                    break
+                batch = trainer.strategy.batch_to_device(batch)
+                x = self.input_fn(batch)
+                m(*x) if isinstance(x, (tuple, list)) else m(x)
+
+        model.eval()
+        try:
+            self.sim.compute_encodings(forward)
+        finally:
+            model.train(was_training)
+        self._log_encodings(trainer)
+
+    # ---- per step ----------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.annealer is not None:
+            self.annealer.before_batch()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        scaler = loss_scaler(trainer)
+        self._scale_before = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+        self._stepping = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._stepping:
+            return  # gradient accumulation: no optimizer step on this batch
+        self._stepping = False
+        scaler = loss_scaler(trainer)
+        applied = self._scale_before is None or scaler.get_scale() >= self._scale_before
+        if not applied:
+            return  # the GradScaler skipped the step: nothing moves
+        self.applied_steps += 1
+        metrics = self.annealer.after_step(True) if self.annealer is not None else {}
+        if self.freeze_ranges_step is not None and not self.ranges_frozen and self.applied_steps >= self.freeze_ranges_step:
+            for q in self.sim.quantizers().values():
+                q.freeze()
+            self.ranges_frozen = True
+        if metrics:
+            self._log_annealing(trainer, metrics)
+        if self.applied_steps % self.log_every_n_steps == 0:
+            extra = {"qat/loss_scale": scaler.get_scale()} if scaler is not None and scaler.is_enabled() else {}
+            self._log_encodings(trainer, extra)
+
+    # ---- end of fit --------------------------------------------------------------------------
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.export_dir is not None and trainer.is_global_zero:
+            self.sim.export(self.export_dir, self.export_prefix, self._tracing_input)
+
+    # ---- logging -----------------------------------------------------------------------------
+    def _log(self, trainer: Trainer, metrics: dict) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _log_encodings(self, trainer: Trainer, extra: Optional[dict] = None) -> None:
+        metrics = dict(extra or {})
+        for key, q in self.sim.quantizers().items():
+            enc = q.encoding
+            if enc is not None:
+                metrics[f"qat/scale/{key}"] = float(enc.scale.mean())
+                metrics[f"qat/offset/{key}"] = float(enc.offset.mean())
+        self._log(trainer, metrics)
+
+    def _log_annealing(self, trainer: Trainer, metrics: dict) -> None:
+        out = {f"qat/{k}": v for k, v in metrics.items()}
+        scaler = loss_scaler(trainer)
+        if scaler is not None and scaler.is_enabled():
+            out["qat/loss_scale"] = scaler.get_scale()
+        self._log(trainer, out)
+        worst = sorted((v, k[len("sqnr_db/"):]) for k, v in metrics.items() if k.startswith("sqnr_db/"))[:5]
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if worst and hasattr(experiment, "add_text") and trainer.is_global_zero:
+                table = "| site | SQNR (dB) |\n|---|---|\n" + "\n".join(f"| {k} | {v:.1f} |" for v, k in worst)
+                experiment.add_text("qat/worst_sqnr", table, global_step=trainer.global_step)
+
+    # ---- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"applied_steps": self.applied_steps, "ranges_frozen": self.ranges_frozen,
+                "annealer": self.annealer.state_dict() if self.annealer is not None else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.sim is None:
+            self._pending_state = state_dict
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict) -> None:
+        self.applied_steps = int(state["applied_steps"])
+        if state["ranges_frozen"]:
+            for q in self.sim.quantizers().values():
+                q.freeze()
+        self.ranges_frozen = bool(state["ranges_frozen"])
+        if self.annealer is not None and state.get("annealer") is not None:
+            self.annealer.load_state_dict(state["annealer"])

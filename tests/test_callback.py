@@ -1,0 +1,195 @@
+"""The Lightning callback: fit, annealing, resume, AMP with loss scaling, logging, errors."""
+import glob
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from qat_plugin import QuantizeDequantize
+from qat_plugin.annealing import AnnealingConfig
+from qat_plugin.callbacks import QuantizationAwareTraining
+from qat_plugin.errors import QuantConfigError
+from qat_plugin.precision import fp16_mixed_precision
+from lightning_helpers import DigitsModule, loaders, trainer
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+
+def encodings(sim):
+    return {k: (q.scale.detach().clone(), q.offset.detach().clone()) for k, q in sim.quantizers().items()}
+
+
+def same(a, b):
+    return all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a)
+
+
+class Probe(pl.Callback):
+    """Records encodings and the annealing step after every training batch."""
+
+    def __init__(self, qat):
+        self.qat, self.history = qat, []
+
+    def on_train_start(self, trainer, pl_module):
+        self.at_start = encodings(self.qat.sim)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        ann = self.qat.annealer
+        self.history.append((trainer.global_step, encodings(self.qat.sim), ann.step if ann else None,
+                             ann.updates if ann else None))
+
+
+def test_fit_quantizes_calibrates_and_validates_through_the_simulation(tmp_path):
+    train, val = loaders()
+    module = DigitsModule()
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=4)
+    t = trainer(tmp_path, 30, [qat])
+    t.fit(module, train, val)
+    assert module.net is qat.sim.model
+    assert any(isinstance(m, QuantizeDequantize) for m in module.net.modules())
+    assert all(q.is_initialized() for q in qat.sim.quantizers().values())
+    assert qat.applied_steps == 30
+    assert t.callback_metrics["val_acc"] > 0.5
+
+
+def test_optimizer_holds_learnable_ranges(tmp_path):
+    train, val = loaders()
+    module = DigitsModule()
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, learn_ranges=True, freeze_ranges_step=5)
+    t = trainer(tmp_path, 8, [qat])
+    probe = Probe(qat)
+    t.callbacks.append(probe)
+    t.fit(module, train, val)
+    opt_params = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+    q = qat.sim.quantizers()["x_input"]
+    assert id(q.scale) in opt_params
+    moved = [not torch.equal(probe.history[i][1]["x_input"][0], probe.history[i + 1][1]["x_input"][0]) for i in range(7)]
+    assert any(moved[:4]) and not any(moved[5:])  # learned until step 5, frozen after
+    assert qat.ranges_frozen and not q.scale.requires_grad
+
+
+def test_annealing_moves_encodings_on_schedule_then_freezes(tmp_path):
+    train, val = loaders()
+    cfg = AnnealingConfig(start_step=0, end_step=12, every_n_steps=4, alpha0=0.8, stat_batches=2)
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, annealing=cfg)
+    probe = Probe(qat)
+    t = trainer(tmp_path, 20, [qat, probe])
+    t.fit(DigitsModule(), train, val)
+    hist = probe.history
+    changed = [i + 1 for i in range(len(hist) - 1) if not same(hist[i][1], hist[i + 1][1])]
+    # updates after applied steps 4 and 8; at step 12 alpha is 0 (cosine) so nothing moves
+    assert changed == [3, 7]  # history index i is applied step i+1
+    assert qat.annealer.updates == 3 and qat.annealer.frozen
+    assert same(hist[11][1], hist[-1][1])  # frozen after the window
+
+
+def test_resume_mid_qat_restores_encodings_and_continues_the_schedule(tmp_path):
+    cfg = dict(start_step=0, end_step=16, every_n_steps=4, alpha0=0.5, stat_batches=1)
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=6, save_top_k=-1)
+    train, val = loaders()
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, annealing=cfg, learn_ranges=True)
+    t = trainer(tmp_path, 6, [qat, ckpt_cb], enable_checkpointing=True)
+    t.fit(DigitsModule(), train, val)
+    saved = encodings(qat.sim)
+    (path,) = glob.glob(str(tmp_path / "ckpt" / "*.ckpt"))
+    ckpt = torch.load(path, weights_only=True)  # the callback's state is plain values
+    state = ckpt["callbacks"][qat.state_key]
+    assert state["applied_steps"] == 6 and state["annealer"]["step"] == 6 and state["annealer"]["updates"] == 1
+
+    qat2 = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, annealing=cfg, learn_ranges=True)
+    probe = Probe(qat2)
+    t2 = trainer(tmp_path, 20, [qat2, probe])
+    t2.fit(DigitsModule(), train, val, ckpt_path=path)
+    assert same(probe.at_start, saved)  # identical encodings, no re-calibration
+    assert qat2.applied_steps == 20 and qat2.annealer.step == 20
+    assert qat2.annealer.updates == 4 and qat2.annealer.frozen  # steps 4 (before), 8, 12, 16
+
+
+def test_fp16_overflow_step_moves_nothing(tmp_path):
+    train, val = loaders()
+    cfg = AnnealingConfig(start_step=0, end_step=50, every_n_steps=1, alpha0=0.5, stat_batches=1)
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, annealing=cfg, learn_ranges=True)
+    probe = Probe(qat)
+    module = DigitsModule(lr=0.01, inf_at_step=3)
+    t = trainer(tmp_path, 6, [qat, probe], plugins=[fp16_mixed_precision("cpu", init_scale=2.0**8)])
+    t.fit(module, train, val)
+    steps = [h[0] for h in probe.history]
+    # global_step counts the skipped step too; the schedule (annealer.step) does not
+    skipped = [i for i in range(1, len(probe.history)) if probe.history[i][2] == probe.history[i - 1][2]]
+    assert skipped == [3], steps
+    assert same(probe.history[2][1], probe.history[3][1])  # encodings and learned ranges unchanged
+    assert not same(probe.history[3][1], probe.history[4][1])  # and they move again after
+    assert t.precision_plugin.scaler.get_scale() < 2.0**8
+
+
+def test_quantizer_outputs_stay_fp32_math_under_fp16(tmp_path):
+    train, val = loaders()
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, default_output_bw=16)
+    t = trainer(tmp_path, 3, [qat], plugins=[fp16_mixed_precision("cpu")])
+    t.fit(DigitsModule(lr=0.01), train, val)
+    x = next(iter(train))[0]
+    q = qat.sim.quantizers()["x_input"]
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = q(x.half())
+    assert out.dtype == torch.float32  # 16-bit grid never passes through fp16
+
+
+def test_bf16_mixed_run(tmp_path):
+    train, val = loaders()
+    qat = QuantizationAwareTraining(quant_scheme="tf_enhanced", calibration_batches=2, annealing=dict(end_step=8, every_n_steps=2, stat_batches=1))
+    t = trainer(tmp_path, 10, [qat], precision="bf16-mixed")
+    t.fit(DigitsModule(), train, val)
+    assert qat.annealer.updates == 4 and qat.annealer.frozen
+    assert torch.isfinite(t.callback_metrics["train_loss"])
+
+
+def test_tensorboard_holds_annealing_and_sqnr_tags(tmp_path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train, val = loaders()
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, log_every_n_steps=2,
+                                    annealing=dict(end_step=8, every_n_steps=2, stat_batches=1))
+    t = trainer(tmp_path, 8, [qat], logger=logger, plugins=[fp16_mixed_precision("cpu")], log_every_n_steps=1)
+    t.fit(DigitsModule(lr=0.01), train, val)
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"qat/alpha", "qat/sqnr_db_min", "qat/loss_scale", "qat/sqnr_db/x_input", "qat/scale/x_input",
+            "qat/offset/x_input", "qat/sqnr_db/fc.weight"} <= tags
+    assert [round(e.value, 4) for e in acc.Scalars("qat/alpha")] == [round(AnnealingConfig(end_step=8, every_n_steps=2).alpha(s), 4) for s in (2, 4, 6, 8)]
+    assert any("worst_sqnr" in t for t in acc.Tags()["tensors"])
+
+
+def test_validate_from_checkpoint_rebuilds_structure(tmp_path):
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "c"), save_last=True)
+    train, val = loaders()
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2)
+    t = trainer(tmp_path, 5, [qat, ckpt_cb], enable_checkpointing=True)
+    t.fit(DigitsModule(), train, val)
+    expected = t.validate(t.lightning_module, val, verbose=False)[0]["val_acc"]
+    qat2 = QuantizationAwareTraining(quant_scheme="tf")
+    t2 = trainer(tmp_path, 5, [qat2])
+    got = t2.validate(DigitsModule(), val, ckpt_path=str(tmp_path / "c" / "last.ckpt"), verbose=False)[0]["val_acc"]
+    assert got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"quant_scheme": "minmax"}, "Valid choices|Did you mean"),
+    ({"annealing": {"alpha": 0.3}}, "Did you mean 'alpha0'"),
+    ({"annealing": {"schedule": "cosin"}}, "Did you mean 'cosine'"),
+    ({"annealing": 3}, "annealing must be"),
+    ({"calibration_batches": 0}, "calibration_batches"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(QuantConfigError, match=match):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_unknown_module_name(tmp_path):
+    train, val = loaders()
+    qat = QuantizationAwareTraining(module_name="nett")
+    with pytest.raises(QuantConfigError, match="Did you mean 'net'"):
+        trainer(tmp_path, 1, [qat]).fit(DigitsModule(), train, val)
