@@ -44,6 +44,71 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
+class _FixedFakeQuantize(torch.autograd.Function):
+    """Fake-quantization with a fixed grid: one division, in-place round/clamp/scale, and the
+    straight-through gradient masked by one fused kernel.
+
+    ``offset`` is either a Python number (one offset for the whole tensor) or a broadcastable
+    tensor (per-channel offsets, handled by shifting the quotient). The gradient passes where
+    the quotient lies strictly inside ``[offset - 0.5, offset + 2**b - 1 + 0.5]``: the reference
+    clamp's mask, except exactly at the two half-way points.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, offset, bitwidth):
+        qmax = num_steps(bitwidth)
+        t = x / scale
+        if isinstance(offset, torch.Tensor):
+            t = t.sub_(offset)
+            out = torch.round(t).clamp_(0, qmax).add_(offset).mul_(scale)
+            ctx.bounds = (-0.5, qmax + 0.5)
+        else:
+            out = torch.round(t).clamp_(offset, offset + qmax).mul_(scale)
+            ctx.bounds = (offset - 0.5, offset + qmax + 0.5)
+        ctx.save_for_backward(t)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, t, *ctx.bounds), None, None, None
+
+
+class _LearnedFakeQuantize(torch.autograd.Function):
+    """LSQ fake-quantization with hand-written gradients (same values as :func:`fake_quantize`,
+    which is the autograd reference, in about a third of the memory passes).
+
+    With ``t = x / s - o`` (``o`` rounded), ``q = clamp(round(t), 0, 2**b - 1)`` and
+    ``m = 1`` inside the range: ``dx = g * m``, ``ds = f * sum(g * ((q + o) - m * (t + o)))``,
+    ``do = f * s * sum(g * (1 - m))`` with ``f`` the LSQ gradient factor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, offset, bitwidth, factor):
+        qmax = num_steps(bitwidth)
+        o = torch.round(offset)
+        t = (x / scale).sub_(o)
+        v = torch.round(t).clamp_(0, qmax).add_(o)
+        ctx.save_for_backward(t, v, scale, o)
+        ctx.qmax, ctx.factor = qmax, factor
+        return v * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        t, v, scale, o = ctx.saved_tensors
+        m = torch.ops.aten.hardtanh_backward(torch.ones_like(t), t, -0.5, ctx.qmax + 0.5)
+        gx = grad * m
+        dims = [d for d in range(grad.dim()) if scale.dim() == 0 or scale.shape[d] == 1]
+
+        def reduce(y):
+            return y.sum(dims, keepdim=scale.dim() > 0) if dims else y
+
+        gs = gx.mul(t.add(o)).neg_().add_(grad * v) if ctx.needs_input_grad[1] else None
+        gs = reduce(gs).mul_(ctx.factor) if gs is not None else None
+        go = ((reduce(grad) - reduce(gx)) * scale * ctx.factor) if ctx.needs_input_grad[2] else None
+        return gx, gs, go, None, None
+
+
 def _grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
     """``t`` in the forward pass; its gradient multiplied by ``g`` in the backward pass."""
     return (t - t * g).detach() + t * g
@@ -51,17 +116,25 @@ def _grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bitwidth: int,
                   grad_factor: float = 1.0) -> torch.Tensor:
-    """Affine fake-quantization with STE/LSQ gradients (``scale``/``offset`` already broadcastable).
+    """Reference affine fake-quantization through autograd (the module's fast paths must match it).
 
-    Gradients: ``x`` gets 1 inside the grid's range and 0 outside (clamp); ``scale`` gets
-    LSQ's ``round(x/s) - x/s`` inside and the clipping level outside; ``offset`` gets 0 inside
-    and ``scale`` outside (LSQ+). Both range gradients are multiplied by ``grad_factor``.
+    ``scale``/``offset`` are broadcastable to ``x``. With ``t = x / s - o``, a value is *inside*
+    when ``-0.5 < t < 2**b - 1 + 0.5`` (it is rounded, not clipped). Gradients: ``x`` gets 1
+    inside and 0 outside; ``scale`` gets LSQ's ``round(t) - t`` inside and the clipping level
+    ``o + clamp(round(t))`` outside; ``offset`` gets 0 inside and ``scale`` outside (LSQ+). Range
+    gradients are multiplied by ``grad_factor``.
     """
     if grad_factor != 1.0 and (scale.requires_grad or offset.requires_grad):
         scale, offset = _grad_scale(scale, grad_factor), _grad_scale(offset, grad_factor)
+    qmax = num_steps(bitwidth)
     offset = _RoundSTE.apply(offset)
-    q = torch.clamp(_RoundSTE.apply(x / scale) - offset, 0, num_steps(bitwidth))
-    return (q + offset) * scale
+    t = x / scale - offset
+    with torch.no_grad():
+        inside = (t > -0.5) & (t < qmax + 0.5)
+        clipped = torch.clamp(torch.round(t), 0, qmax)
+    rounded = (_RoundSTE.apply(t) + offset) * scale
+    saturated = (clipped + offset) * scale
+    return torch.where(inside, rounded, saturated)
 
 
 class QuantizeDequantize(nn.Module):
@@ -98,6 +171,8 @@ class QuantizeDequantize(nn.Module):
         self._initialized = False  # python mirror of the buffer: no device sync in forward
         self._observer = None
         self._monitor = None  # observes while the quantizer keeps quantizing (encoding annealing)
+        self._offset_value: Optional[float] = None
+        self._sync_offset_value()
 
     # ---- state ---------------------------------------------------------------------------
     def is_initialized(self) -> bool:
@@ -140,10 +215,21 @@ class QuantizeDequantize(nn.Module):
             self.offset.copy_(enc.offset.to(self.offset))
             self.initialized.fill_(True)
         self._initialized = True
+        self._sync_offset_value()
+
+    def _sync_offset_value(self) -> None:
+        """Python copy of a single offset, so the fixed-grid path never reads the device."""
+        if self.symmetric:
+            self._offset_value = float(-(2 ** (self.bitwidth - 1)))
+        elif self.offset.numel() == 1:
+            self._offset_value = float(torch.round(self.offset.detach()))
+        else:
+            self._offset_value = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._initialized = bool(self.initialized)
+        self._sync_offset_value()
 
     # ---- calibration ---------------------------------------------------------------------
     def start_calibration(self, observer) -> None:
@@ -193,9 +279,13 @@ class QuantizeDequantize(nn.Module):
                 shape = [1] * x.dim()
                 shape[self.axis] = -1
                 scale, offset = scale.reshape(shape), offset.reshape(shape)
-            # LSQ's gradient scale: 1 / sqrt(values per scale * levels)
-            g = (x.numel() / max(1, self.scale.numel()) * num_steps(self.bitwidth)) ** -0.5 if self.learnable else 1.0
-            out = fake_quantize(x.float(), scale.float(), offset.float(), self.bitwidth, g)
+            if self.learnable:
+                # LSQ's gradient scale: 1 / sqrt(values per scale * levels)
+                g = (x.numel() / max(1, self.scale.numel()) * num_steps(self.bitwidth)) ** -0.5
+                out = _LearnedFakeQuantize.apply(x.float(), scale.float(), offset.float(), self.bitwidth, g)
+            else:
+                fixed = self._offset_value if self._offset_value is not None else offset.detach().float()
+                out = _FixedFakeQuantize.apply(x.float(), scale.detach().float(), fixed, self.bitwidth)
         if x.dtype in (torch.float16, torch.bfloat16) and self.bitwidth > 8:
             return out
         return out.to(x.dtype)

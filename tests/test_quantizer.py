@@ -49,7 +49,8 @@ def test_ste_gradients_match_lsq_reference():
     g = (6 * 15) ** -0.5  # LSQ gradient scale: 1 / sqrt(values per scale * levels)
     s, o = float(q.scale.detach()), float(torch.round(q.offset.detach()))
     lo, hi = o * s, (o + 15) * s
-    inside = [(lo <= v.item() <= hi) for v in x.detach()]
+    # inside: rounded onto the grid, not clipped (within half a step of its ends)
+    inside = [(lo - s / 2 < v.item() < hi + s / 2) for v in x.detach()]
     # input gradient: 1 inside the range, 0 outside
     assert x.grad.tolist() == [1.0 if i else 0.0 for i in inside]
     # scale gradient (LSQ): round(x/s) - x/s inside; clip level (o or o+15) outside
@@ -133,3 +134,38 @@ def test_set_encoding_rejects_mismatch():
 def test_bad_bitwidth(bad):
     with pytest.raises(ValueError, match="bitwidth"):
         QuantizeDequantize(bitwidth=bad)
+
+
+@pytest.mark.parametrize("axis, symmetric", [(None, False), (None, True), (1, False), (1, True)])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_fast_paths_match_the_autograd_reference(axis, symmetric, learnable):
+    """The quantizer's hand-written gradients equal autograd through :func:`fake_quantize`."""
+    from qat_plugin.quantizer import fake_quantize
+
+    q = make(6, symmetric, lo=-0.8, hi=1.1, axis=axis, channels=3 if axis else 0, learnable=learnable)
+    x = (torch.randn(4, 3, 5, 5) * 1.5).requires_grad_()
+    gout = torch.randn(4, 3, 5, 5)
+    (q(x) * gout).sum().backward()
+    shape = (1, 3, 1, 1) if axis else ()
+    s = q.scale.detach().clone().reshape(shape).requires_grad_()
+    o = q.offset.detach().clone().reshape(shape).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    factor = (x.numel() / q.scale.numel() * 63) ** -0.5 if learnable else 1.0
+    out = fake_quantize(xr, s, o, 6, factor)
+    (out * gout).sum().backward()
+    torch.testing.assert_close(q(x).detach(), out.detach())
+    torch.testing.assert_close(x.grad, xr.grad)
+    if learnable:
+        torch.testing.assert_close(q.scale.grad, s.grad.reshape(q.scale.shape), rtol=1e-4, atol=1e-6)
+        if not symmetric:
+            torch.testing.assert_close(q.offset.grad, o.grad.reshape(q.offset.shape), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_values_rounded_onto_the_grid_ends_keep_their_gradient(learnable):
+    """Post-ReLU zeros sit on the lowest level: they are rounded, not clipped."""
+    q = make(8, False, lo=0.0, hi=2.0, learnable=learnable)
+    s = float(q.scale.detach())
+    x = torch.tensor([0.0, -0.4 * s, -0.6 * s, 2.0, 2.0 + 0.4 * s, 2.0 + 0.6 * s], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
