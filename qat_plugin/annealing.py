@@ -45,10 +45,10 @@ class AnnealingConfig:
     start_step: int = 0
     end_step: int = 200
     every_n_steps: int = 10
-    alpha0: float = 0.5
+    alpha0: float = 0.1
     schedule: str = "cosine"
     stat_batches: int = 2
-    include_weights: bool = True
+    include_weights: bool = False
     freeze_ranges: bool = True
 
     def __post_init__(self):

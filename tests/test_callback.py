@@ -151,7 +151,7 @@ def test_tensorboard_holds_annealing_and_sqnr_tags(tmp_path):
     train, val = loaders()
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, log_every_n_steps=2,
-                                    annealing=dict(end_step=8, every_n_steps=2, stat_batches=1))
+                                    annealing=dict(end_step=8, every_n_steps=2, stat_batches=1, include_weights=True))
     t = trainer(tmp_path, 8, [qat], logger=logger, plugins=[fp16_mixed_precision("cpu")], log_every_n_steps=1)
     t.fit(DigitsModule(lr=0.01), train, val)
     acc = EventAccumulator(logger.log_dir)
@@ -193,3 +193,35 @@ def test_unknown_module_name(tmp_path):
     qat = QuantizationAwareTraining(module_name="nett")
     with pytest.raises(QuantConfigError, match="Did you mean 'net'"):
         trainer(tmp_path, 1, [qat]).fit(DigitsModule(), train, val)
+
+
+def test_sanity_check_does_not_need_calibration(tmp_path):
+    """Lightning's sanity-check validation runs before training: it must not fail."""
+    train, val = loaders()
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2)
+    t = pl.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", max_steps=2, callbacks=[qat], logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=1)
+    t.fit(DigitsModule(), train, val)
+    assert all(q.enabled and q.is_initialized() for q in qat.sim.quantizers().values())
+
+
+def test_calibration_dataloader_calibrates_before_the_sanity_check(tmp_path):
+    train, val = loaders()
+    seen = {}
+
+    class Spy(pl.Callback):
+        def on_sanity_check_end(self, trainer, pl_module):
+            seen["calibrated"] = all(q.is_initialized() and q.enabled for q in qat.sim.quantizers().values())
+
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, calibration_dataloader=train)
+    t = pl.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", max_steps=1, callbacks=[qat, Spy()],
+                   logger=False, enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=1)
+    t.fit(DigitsModule(), train, val)
+    assert seen == {"calibrated": True}
+
+
+def test_validate_without_encodings_is_a_clear_error(tmp_path):
+    _, val = loaders()
+    from qat_plugin import NotCalibratedError
+    with pytest.raises(NotCalibratedError, match="ckpt_path"):
+        trainer(tmp_path, 1, [QuantizationAwareTraining()]).validate(DigitsModule(), val, verbose=False)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..annealing import AnnealingConfig, EncodingAnnealer
 from ..calibration import QUANT_SCHEMES
-from ..errors import QuantConfigError, did_you_mean
+from ..errors import NotCalibratedError, QuantConfigError, did_you_mean
 from ..precision import loss_scaler
 from ..quantsim import QuantSimModel
 
@@ -108,6 +108,7 @@ class QuantizationAwareTraining(Callback):
         self._scale_before: Optional[float] = None
         self._stepping = False
         self._pending_state: Optional[dict] = None
+        self._bypassed: list = []
 
     @property
     def state_key(self) -> str:
@@ -125,6 +126,7 @@ class QuantizationAwareTraining(Callback):
         setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, self.sim.model)
         if self.annealing is not None:
             self.annealer = EncodingAnnealer(self.sim, self.annealing)
+        self._bypass()
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
@@ -158,13 +160,54 @@ class QuantizationAwareTraining(Callback):
                                "dummy_input=, the LightningModule's example_input_array, or use a datamodule")
 
     # ---- calibration -------------------------------------------------------------------------
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if all(q.is_initialized() for q in self.sim.quantizers().values() if q.enabled):
-            return  # restored from a checkpoint
-        self.calibrate(trainer, pl_module)
+    # Until calibrated (or restored from a checkpoint), the quantizers are bypassed, so that
+    # Lightning's own forward passes (model summary, sanity check) run before calibration does.
+    def _bypass(self) -> None:
+        self._bypassed = [q for q in self.sim.quantizers().values() if q.enabled and not q.is_initialized()]
+        for q in self._bypassed:
+            q.enabled = False
 
-    def calibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        loader = self.calibration_dataloader if self.calibration_dataloader is not None else trainer.train_dataloader
+    def _enable_if_ready(self) -> bool:
+        if all(q.is_initialized() for q in self._bypassed):
+            for q in self._bypassed:
+                q.enabled = True
+            self._bypassed = []
+        return not self._bypassed
+
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Calibrate before the sanity check when a loader is at hand (calibration_dataloader or a
+        datamodule); otherwise the sanity check runs in float and calibration waits for train start."""
+        if self._enable_if_ready():
+            return
+        if self.calibration_dataloader is not None or trainer.datamodule is not None:
+            loader = self.calibration_dataloader
+            self.calibrate(trainer, pl_module, loader if loader is not None else trainer.datamodule.train_dataloader())
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._enable_if_ready():
+            self.calibrate(trainer, pl_module)
+
+    def _require_encodings(self, trainer: Trainer, stage: str) -> None:
+        if not self._enable_if_ready() and not trainer.sanity_checking:
+            raise NotCalibratedError(f"{stage} through the simulation needs encodings: fit with this callback "
+                                     f"first, or pass ckpt_path= of a checkpoint saved with it")
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._require_encodings(trainer, "validation")
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._require_encodings(trainer, "test")
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._require_encodings(trainer, "predict")
+
+    def calibrate(self, trainer: Trainer, pl_module: LightningModule, loader=None) -> None:
+        """Set every encoding from ``calibration_batches`` batches, without gradient steps."""
+        if loader is None:
+            loader = self.calibration_dataloader if self.calibration_dataloader is not None else trainer.train_dataloader
+        for q in self._bypassed:
+            q.enabled = True
+        self._bypassed = []
         model = self.sim.model
         was_training = model.training
 

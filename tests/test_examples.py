@@ -1,0 +1,34 @@
+"""Each example runs (shortened) and reaches its point."""
+import importlib.util
+import os
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16"])
+def test_qat_loop(amp, capsys):
+    acc = load("qat_loop").main(["--steps", "10", "--warmup-steps", "30", "--amp", amp, "--batch-size", "16"])
+    out = capsys.readouterr().out
+    assert "alpha" in out and "loss scale" in out and acc > 15.0
+
+
+def test_lightning_callback(tmp_path):
+    metrics = load("lightning_callback").main(["--max-steps", "6", "--out", str(tmp_path)])
+    assert "val_acc" in metrics
+    assert os.path.exists(tmp_path / "classifier.onnx") and os.path.exists(tmp_path / "classifier.encodings")
+
+
+def test_export_and_verify(tmp_path):
+    report = load("export_and_verify").main(["--out", str(tmp_path)])
+    assert report.float_compute_ops == 0 and report.unfused_qdq == 0 and report.sqnr_db > 30
