@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 import warnings
 
 import numpy as np
@@ -26,21 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import markdown_table  # noqa: E402
 
 from qat_plugin import QuantSimModel  # noqa: E402
-from qat_plugin.export.verify import optimized_graph_stats, session  # noqa: E402
-
-
-def median_latency(path: str, batch: int, runs: int) -> float:
-    sess = session(path, optimize=True, threads=1)
-    name = sess.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-    for _ in range(2):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+from qat_plugin.export.verify import median_latency, optimized_graph_stats  # noqa: E402
 
 
 def ort_quantize_static(fp32_path: str, out_path: str, calib: np.ndarray) -> None:
@@ -71,7 +56,7 @@ def run(name: str, runs: int, tmp: str, log=print):
     lat = {}
     for label, path in files:
         for batch in (1, 16):
-            lat[label, batch] = median_latency(path, batch, runs if batch == 1 else max(3, runs // 4))
+            lat[label, batch] = median_latency(path, (batch, 3, 224, 224), runs if batch == 1 else max(3, runs // 4))
         counts, float_ops, unfused = optimized_graph_stats(path)
         log(f"  {name} {label}: {lat[label, 1] * 1e3:.1f} ms / {lat[label, 16] * 1e3:.0f} ms, "
             f"float compute ops {float_ops}, unfused DQ {unfused}")

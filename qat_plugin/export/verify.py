@@ -81,6 +81,23 @@ def optimized_graph_stats(path: str) -> tuple[Counter, int, int]:
     return counts, sum(counts[t] for t in FLOAT_COMPUTE), unfused
 
 
+def median_latency(path: str, input_shape: Sequence[int], runs: int = 20, threads: int = 1) -> float:
+    """Median seconds of one ``session.run`` on a random input (2 warm-up runs first)."""
+    import time
+
+    sess = session(path, optimize=True, threads=threads)
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
+    for _ in range(2):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def _run(sess, inputs: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: np.ascontiguousarray(x[i:i + batch_size])})[0]
