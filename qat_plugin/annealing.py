@@ -147,7 +147,7 @@ class EncodingAnnealer:
         if self.config.include_weights:
             for key, q in self._param_quantizers().items():
                 obs = HistogramObserver(num_bins=256, axis=q.axis, name=key)
-                obs.observe(self.sim._weight_of(key))
+                obs.observe(self.sim.weight_of(key))
                 metrics[f"sqnr_db/{key}"] = self._blend(q, obs.hist, alpha)
         self.updates += 1
         dbs = {k: v for k, v in metrics.items() if k.startswith("sqnr_db/")}

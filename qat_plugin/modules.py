@@ -14,8 +14,25 @@ from .quantizer import QuantizeDequantize, _RoundSTE
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
+def scale_output_channels(layer: nn.Module, w: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``w`` (``layer``'s weight layout) with each output channel multiplied by ``factor``."""
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        g, shape = layer.groups, w.shape  # weight: (in, out/g, *k); output channel o = gi * (out/g) + j
+        return (w.reshape(g, shape[0] // g, shape[1], *shape[2:])
+                * factor.reshape(g, 1, shape[1], *([1] * (w.dim() - 2)))).reshape(shape)
+    return w * factor.reshape(-1, *([1] * (w.dim() - 1)))
+
+
 class _QuantizedWeights:
-    """What every quantized layer adds: ``param_quantizers['weight']`` and an int32 bias grid."""
+    """What every quantized layer adds: ``param_quantizers['weight']``, an int32 bias grid and,
+    in simulated-folding mode, the BatchNorm it absorbs (``self.bn``).
+
+    With ``bn``: the weight is folded with the BN's running statistics before it is quantized
+    (``w * gamma / sqrt(var + eps)``). In eval mode, or once ``freeze_batch_norm()`` was called,
+    the layer is exactly the folded layer. In training mode before that, the convolution output
+    is unscaled and normalized by BN with batch statistics, which also updates the running
+    statistics (the approximate simulated fold of Krishnamoorthi, 2018, as in torch.ao).
+    """
 
     param_quantizers: nn.ModuleDict
     _bias_input: list  # [QuantizeDequantize] whose scale sets the bias grid; [] keeps bias in float
@@ -23,16 +40,62 @@ class _QuantizedWeights:
     def _attach(self, weight_quantizer: QuantizeDequantize) -> None:
         self.param_quantizers = nn.ModuleDict({"weight": weight_quantizer})
         self._bias_input = []
+        self.bn = None
+        self.bn_frozen = False
+
+    def attach_batch_norm(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        self.bn = bn
+        self.bn.train(self.training)
+
+    def freeze_batch_norm(self) -> None:
+        """Stop updating BN statistics: from now on the layer is the folded layer in train mode too."""
+        self.bn_frozen = True
+        if self.bn is not None:
+            self.bn.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.bn is not None and self.bn_frozen:
+            self.bn.eval()
+        return self
+
+    def _bn_factor(self) -> torch.Tensor:
+        bn = self.bn
+        factor = torch.rsqrt(bn.running_var + bn.eps)
+        return factor * bn.weight if bn.weight is not None else factor
+
+    def folded_weight(self) -> torch.Tensor:
+        if self.bn is None:
+            return self.weight
+        return scale_output_channels(self, self.weight, self._bn_factor())
+
+    def folded_bias(self) -> Optional[torch.Tensor]:
+        if self.bn is None:
+            return self.bias
+        bn = self.bn
+        bias = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+        return (bias - bn.running_mean) * self._bn_factor() + beta
+
+    def _quantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn is None or not self.bn.training:
+            return self._apply_layer(x, self.quantized_weight(), self.quantized_bias())
+        y = self._apply_layer(x, self.quantized_weight(), None)
+        shape = [1, -1] + [1] * (y.dim() - 2)
+        y = y / self._bn_factor().reshape(shape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(shape)
+        return self.bn(y)
 
     def set_bias_input_quantizer(self, quantizer: Optional[QuantizeDequantize]) -> None:
         """Quantize the bias to int32 with ``scale = input_scale * weight_scale`` (None: float bias)."""
         self._bias_input = [quantizer] if quantizer is not None else []
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.param_quantizers["weight"](self.weight)
+        return self.param_quantizers["weight"](self.folded_weight())
 
     def quantized_bias(self) -> Optional[torch.Tensor]:
-        bias = self.bias
+        bias = self.folded_bias()
         if bias is None or not self._bias_input:
             return bias
         src, wq = self._bias_input[0], self.param_quantizers["weight"]
@@ -54,29 +117,40 @@ def _conv_kwargs(m) -> dict:
 
 
 class QuantizedConv1d(_QuantizedWeights, nn.Conv1d):
+    def _apply_layer(self, x, w, b):
+        return self._conv_forward(x, w, b)
+
     def forward(self, x):
-        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+        return self._quantized_forward(x)
 
 
 class QuantizedConv2d(_QuantizedWeights, nn.Conv2d):
+    def _apply_layer(self, x, w, b):
+        return self._conv_forward(x, w, b)
+
     def forward(self, x):
-        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+        return self._quantized_forward(x)
 
 
 class QuantizedConv3d(_QuantizedWeights, nn.Conv3d):
+    def _apply_layer(self, x, w, b):
+        return self._conv_forward(x, w, b)
+
     def forward(self, x):
-        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+        return self._quantized_forward(x)
 
 
 class _QuantizedConvTransposeNd(_QuantizedWeights):
     _fn = None
     _dims = 0
 
-    def forward(self, x, output_size=None):
+    def _apply_layer(self, x, w, b, output_size=None):
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size,
                                               self._dims, self.dilation)
-        return type(self)._fn(x, self.quantized_weight(), self.quantized_bias(), self.stride, self.padding,
-                              output_padding, self.groups, self.dilation)
+        return type(self)._fn(x, w, b, self.stride, self.padding, output_padding, self.groups, self.dilation)
+
+    def forward(self, x):
+        return self._quantized_forward(x)
 
 
 class QuantizedConvTranspose1d(_QuantizedConvTransposeNd, nn.ConvTranspose1d):
@@ -92,8 +166,11 @@ class QuantizedConvTranspose3d(_QuantizedConvTransposeNd, nn.ConvTranspose3d):
 
 
 class QuantizedLinear(_QuantizedWeights, nn.Linear):
+    def _apply_layer(self, x, w, b):
+        return F.linear(x, w, b)
+
     def forward(self, x):
-        return F.linear(x, self.quantized_weight(), self.quantized_bias())
+        return self._quantized_forward(x)
 
 
 QUANTIZED = {

@@ -22,7 +22,7 @@ from .calibration.observers import all_reduce_observer
 from .config import RuntimeConfig, load_config
 from .encoding import Encoding
 from .errors import QuantConfigError, did_you_mean
-from .graph.apply import apply_plan
+from .graph.apply import BN_FOLDING, apply_plan
 from .graph.plan import QuantizerSite, QuantPlan, make_plan
 from .graph.trace import LeafSpec, capture, leaf_names_of, propagate_shapes
 from .quantizer import QuantizeDequantize
@@ -55,14 +55,20 @@ class QuantSimModel:
         leaf_modules: qualified names or classes of submodules to keep as black boxes.
         percentile: the percentile for ``quant_scheme="percentile"``.
         learnable: give scale/offset gradients (LSQ-style range learning).
+        bn_folding: ``"static"`` folds BatchNorm into the weights now (statistics frozen);
+            ``"simulated"`` keeps BN inside the quantized layer: weights are quantized after
+            folding with running statistics, and training updates the statistics until
+            :meth:`freeze_batch_norm`. Inference and export are identical in both modes.
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, quant_scheme: str = "tf_enhanced",
                  default_param_bw: int = 8, default_output_bw: int = 8, config_file: ConfigLike = None,
                  in_place: bool = False, leaf_modules: Sequence[LeafSpec] = (), percentile: float = 99.99,
-                 learnable: bool = False):
+                 learnable: bool = False, bn_folding: str = "static"):
         if quant_scheme not in QUANT_SCHEMES:
             raise QuantConfigError(f"unknown quant_scheme '{quant_scheme}'." + did_you_mean(quant_scheme, QUANT_SCHEMES))
+        if bn_folding not in BN_FOLDING:
+            raise QuantConfigError(f"unknown bn_folding '{bn_folding}'." + did_you_mean(bn_folding, BN_FOLDING))
         if not 50.0 < float(percentile) <= 100.0:
             raise QuantConfigError(f"percentile must be in (50, 100], got {percentile}")
         self.quant_scheme = quant_scheme
@@ -82,7 +88,7 @@ class QuantSimModel:
         if self.plan.unsupported:
             warnings.warn("ops the runtime config does not know are left in float (their outputs are "
                           "quantized for their consumers): " + ", ".join(self.plan.unsupported), stacklevel=2)
-        self._quantizers = apply_plan(gm, self.plan, learnable=learnable)
+        self._quantizers = apply_plan(gm, self.plan, learnable=learnable, bn_folding=bn_folding)
         gm.train(model.training)
         self.model: nn.Module = gm
 
@@ -114,7 +120,7 @@ class QuantSimModel:
             weight_scheme = "tf" if self.quant_scheme == "percentile" else self.quant_scheme
             for key, q in params.items():
                 obs = make_observer(weight_scheme, axis=q.axis, name=key)
-                obs.observe(self._weight_of(key))
+                obs.observe(self.weight_of(key))
                 q.set_encoding(encoding_from_observer(obs, weight_scheme, q.bitwidth, q.symmetric, q.axis))
             for key, q in acts.items():
                 q.start_calibration(make_observer(self.quant_scheme, axis=q.axis, name=key))
@@ -140,12 +146,20 @@ class QuantSimModel:
     def _site(self, key: str) -> QuantizerSite:
         return self.plan.site(key)
 
-    def _weight_of(self, key: str) -> torch.Tensor:
+    def weight_of(self, key: str) -> torch.Tensor:
+        """The (BN-folded) weight tensor a param quantizer site quantizes."""
         site = self._site(key)
         if site.module is not None:
-            return self.model.get_submodule(site.module).weight.detach()
+            return self.model.get_submodule(site.module).folded_weight().detach()
         owner, _, attr = site.where.rpartition(".")
         return getattr(self.model.get_submodule(owner) if owner else self.model, attr).detach()
+
+    def freeze_batch_norm(self) -> int:
+        """Freeze every absorbed BatchNorm (``bn_folding="simulated"``); returns how many."""
+        layers = [m for m in self.model.modules() if getattr(m, "bn", None) is not None and hasattr(m, "freeze_batch_norm")]
+        for m in layers:
+            m.freeze_batch_norm()
+        return len(layers)
 
     # ---- export --------------------------------------------------------------------------
     def export(self, path: Union[str, os.PathLike], filename_prefix: str, dummy_input: Any, **kwargs):

@@ -225,3 +225,21 @@ def test_validate_without_encodings_is_a_clear_error(tmp_path):
     from qat_plugin import NotCalibratedError
     with pytest.raises(NotCalibratedError, match="ckpt_path"):
         trainer(tmp_path, 1, [QuantizationAwareTraining()]).validate(DigitsModule(), val, verbose=False)
+
+
+def test_freeze_bn_step_stops_statistics(tmp_path):
+    train, val = loaders()
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, bn_folding="simulated", freeze_bn_step=4)
+    means = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            means.append(pl_module.net.get_submodule("conv1").bn.running_mean.clone())
+
+    t = trainer(tmp_path, 8, [qat, Spy()])
+    t.fit(DigitsModule(lr=0.01), train, val)
+    moved = [not torch.equal(means[i], means[i + 1]) for i in range(len(means) - 1)]
+    assert all(moved[:3]) and not any(moved[3:])
+    assert qat.bn_frozen and qat.state_dict()["bn_frozen"] is True
+    with pytest.raises(QuantConfigError, match="bn_folding='simulated'"):
+        QuantizationAwareTraining(freeze_bn_step=3)

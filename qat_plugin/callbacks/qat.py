@@ -58,6 +58,10 @@ class QuantizationAwareTraining(Callback):
             dict to anneal encodings toward SQNR-optimal ones; ``None``/``False`` for none.
         learn_ranges: give scale/offset gradients (LSQ-style).
         freeze_ranges_step: stop learning ranges after this many applied optimizer steps.
+        bn_folding: ``"static"`` (BN folded into the weights at setup, statistics frozen) or
+            ``"simulated"`` (BN statistics keep training until ``freeze_bn_step``).
+        freeze_bn_step: freeze BatchNorm statistics after this many applied optimizer steps
+            (``bn_folding="simulated"``).
         export_dir, export_prefix: export ONNX + encodings there at the end of fit.
         input_fn: picks the model input out of a batch (default: tensor, ``batch[0]`` or ``batch["x"]``).
         log_every_n_steps: how often the loss scale and encodings are logged.
@@ -68,7 +72,8 @@ class QuantizationAwareTraining(Callback):
                  leaf_modules: Sequence = (), calibration_batches: int = 16,
                  calibration_dataloader: Optional[Any] = None,
                  annealing: Union[None, bool, dict, AnnealingConfig] = None, learn_ranges: bool = False,
-                 freeze_ranges_step: Optional[int] = None, export_dir: Optional[str] = None,
+                 freeze_ranges_step: Optional[int] = None, bn_folding: str = "static",
+                 freeze_bn_step: Optional[int] = None, export_dir: Optional[str] = None,
                  export_prefix: str = "model", input_fn: Optional[Callable[[Any], Any]] = None,
                  log_every_n_steps: int = 50):
         if quant_scheme not in QUANT_SCHEMES:
@@ -89,7 +94,11 @@ class QuantizationAwareTraining(Callback):
             raise QuantConfigError(f"annealing must be True/False, a dict or an AnnealingConfig, got {annealing!r}")
         self.sim_kwargs = dict(quant_scheme=quant_scheme, default_param_bw=default_param_bw,
                                default_output_bw=default_output_bw, config_file=config_file,
-                               leaf_modules=tuple(leaf_modules), learnable=learn_ranges)
+                               leaf_modules=tuple(leaf_modules), learnable=learn_ranges, bn_folding=bn_folding)
+        if freeze_bn_step is not None and bn_folding != "simulated":
+            raise QuantConfigError("freeze_bn_step needs bn_folding='simulated' (static folding freezes BN at setup)")
+        self.freeze_bn_step = freeze_bn_step
+        self.bn_frozen = False
         self.module_name = module_name
         self.dummy_input = dummy_input
         self.calibration_batches = calibration_batches
@@ -250,6 +259,9 @@ class QuantizationAwareTraining(Callback):
             for q in self.sim.quantizers().values():
                 q.freeze()
             self.ranges_frozen = True
+        if self.freeze_bn_step is not None and not self.bn_frozen and self.applied_steps >= self.freeze_bn_step:
+            self.sim.freeze_batch_norm()
+            self.bn_frozen = True
         if metrics:
             self._log_annealing(trainer, metrics)
         if self.applied_steps % self.log_every_n_steps == 0:
@@ -290,7 +302,7 @@ class QuantizationAwareTraining(Callback):
 
     # ---- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"applied_steps": self.applied_steps, "ranges_frozen": self.ranges_frozen,
+        return {"applied_steps": self.applied_steps, "ranges_frozen": self.ranges_frozen, "bn_frozen": self.bn_frozen,
                 "annealer": self.annealer.state_dict() if self.annealer is not None else None}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -305,5 +317,8 @@ class QuantizationAwareTraining(Callback):
             for q in self.sim.quantizers().values():
                 q.freeze()
         self.ranges_frozen = bool(state["ranges_frozen"])
+        if state.get("bn_frozen"):
+            self.sim.freeze_batch_norm()
+        self.bn_frozen = bool(state.get("bn_frozen", False))
         if self.annealer is not None and state.get("annealer") is not None:
             self.annealer.load_state_dict(state["annealer"])

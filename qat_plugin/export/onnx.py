@@ -24,6 +24,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from ..encoding import Encoding
+from ..graph.apply import fold_batch_norm_
 from ..errors import NotCalibratedError, QuantConfigError
 from .encodings import write_encodings
 
@@ -119,6 +120,9 @@ def _export_copy(sim, quantized: bool) -> nn.Module:
             layer = gm.get_submodule(site.module)
             layer.param_quantizers["weight"] = new
             layer.set_bias_input_quantizer(None)
+            if layer.bn is not None:  # simulated folding: fold for good in the export copy
+                fold_batch_norm_(layer, layer.bn)
+                layer.bn = None
         else:
             gm.quantizers[key] = new
     if quantized:

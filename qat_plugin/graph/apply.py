@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..modules import quantize_module
+from ..modules import quantize_module, scale_output_channels
 from ..quantizer import QuantizeDequantize
 from .plan import QuantPlan, QuantizerSite
 
@@ -17,19 +17,12 @@ def fold_batch_norm_(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> N
     ``w' = w * gamma / sqrt(var + eps)`` per output channel and
     ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``, computed in float64.
     """
-    w = layer.weight.double()
     factor = bn.running_var.double().add(bn.eps).rsqrt()
     if bn.weight is not None:
         factor = factor * bn.weight.double()
     beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(factor)
     bias = layer.bias.double() if layer.bias is not None else torch.zeros_like(factor)
-    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
-        g = layer.groups  # weight: (in, out/g, *k); output channel o = gi * (out/g) + j
-        shape = w.shape
-        w = (w.reshape(g, shape[0] // g, shape[1], *shape[2:])
-             * factor.reshape(g, 1, shape[1], *([1] * (w.dim() - 2)))).reshape(shape)
-    else:
-        w = w * factor.reshape(-1, *([1] * (w.dim() - 1)))
+    w = scale_output_channels(layer, layer.weight.double(), factor)
     layer.weight.copy_(w.to(layer.weight.dtype))
     new_bias = ((bias - bn.running_mean.double()) * factor + beta).to(layer.weight.dtype)
     if layer.bias is None:
@@ -48,14 +41,28 @@ def _make_quantizer(site: QuantizerSite, learnable: bool) -> QuantizeDequantize:
     return QuantizeDequantize(shape, site.bitwidth, site.symmetric, site.axis, learnable, name=site.key)
 
 
-def apply_plan(gm: fx.GraphModule, plan: QuantPlan, learnable: bool = False) -> dict[str, QuantizeDequantize]:
-    """Mutate ``gm`` as ``plan`` says; return the quantizers by site key."""
+BN_FOLDING = ("static", "simulated")
+
+
+def apply_plan(gm: fx.GraphModule, plan: QuantPlan, learnable: bool = False,
+               bn_folding: str = "static") -> dict[str, QuantizeDequantize]:
+    """Mutate ``gm`` as ``plan`` says; return the quantizers by site key.
+
+    ``bn_folding="static"`` folds each BatchNorm into its layer's weights now;
+    ``"simulated"`` moves it into the quantized layer, which folds on the fly (see
+    :class:`qat_plugin.modules._QuantizedWeights`) until its statistics are frozen.
+    """
     graph = gm.graph
     by_name = {n.name: n for n in graph.nodes}
     modules = dict(gm.named_modules())
+    weighted = {s.module for s in plan.sites if s.module is not None}
+    absorbed: dict[str, nn.Module] = {}
     for conv_name, bn_name in plan.bn_folds:
         conv, bn = by_name[conv_name], by_name[bn_name]
-        fold_batch_norm_(modules[conv.target], modules[bn.target])
+        if bn_folding == "simulated" and conv.target in weighted:
+            absorbed[conv.target] = modules[bn.target]
+        else:
+            fold_batch_norm_(modules[conv.target], modules[bn.target])
         bn.replace_all_uses_with(conv)
         graph.erase_node(bn)
         gm.delete_submodule(bn.target)
@@ -69,7 +76,10 @@ def apply_plan(gm: fx.GraphModule, plan: QuantPlan, learnable: bool = False) -> 
         q = _make_quantizer(site, learnable)
         quantizers[site.key] = q
         if site.module is not None:  # a module's weight
-            _set_submodule(gm, site.module, quantize_module(gm.get_submodule(site.module), q))
+            layer = quantize_module(gm.get_submodule(site.module), q)
+            if site.module in absorbed:
+                layer.attach_batch_norm(absorbed[site.module])
+            _set_submodule(gm, site.module, layer)
             continue
         gm.quantizers[site.key] = q.to(_device_of(gm))
         for name in site.nodes:
