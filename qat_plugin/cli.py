@@ -59,7 +59,7 @@ class QatCLI(LightningCLI):
     def before_fit(self) -> None:
         model, dm, trainer = self.model, self.datamodule, self.trainer
         self.results: dict = {}
-        epochs = getattr(getattr(model, "hparams", {}), "get", lambda *_: 0)("fp32_warmup_epochs", 0)
+        epochs = getattr(model, "hparams", {}).get("fp32_warmup_epochs", 0)
         if epochs:
             print(f"FP32 warm-up: {epochs} epochs")
             warm = pl.Trainer(accelerator=trainer.strategy.root_device.type, devices=1, max_epochs=epochs,
