@@ -78,9 +78,10 @@ class _LearnedFakeQuantize(torch.autograd.Function):
     """LSQ fake-quantization with hand-written gradients (same values as :func:`fake_quantize`,
     which is the autograd reference, in about a third of the memory passes).
 
-    With ``t = x / s - o`` (``o`` rounded), ``q = clamp(round(t), 0, 2**b - 1)`` and
-    ``m = 1`` inside the range: ``dx = g * m``, ``ds = f * sum(g * ((q + o) - m * (t + o)))``,
-    ``do = f * s * sum(g * (1 - m))`` with ``f`` the LSQ gradient factor.
+    With ``t = x / s - o`` (``o`` rounded), ``v = clamp(round(t), 0, 2**b - 1) + o`` and
+    ``m = 1`` inside the range: ``dx = g * m``, ``ds = f * sum(g * v - g * m * (t + o))``,
+    ``do = f * s * sum(g * (1 - m))`` with ``f`` the LSQ gradient factor; the sums run over the
+    values of each scale (per tensor or per channel).
     """
 
     @staticmethod
@@ -96,17 +97,33 @@ class _LearnedFakeQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         t, v, scale, o = ctx.saved_tensors
-        m = torch.ops.aten.hardtanh_backward(torch.ones_like(t), t, -0.5, ctx.qmax + 0.5)
-        gx = grad * m
-        dims = [d for d in range(grad.dim()) if scale.dim() == 0 or scale.shape[d] == 1]
-
-        def reduce(y):
-            return y.sum(dims, keepdim=scale.dim() > 0) if dims else y
-
-        gs = gx.mul(t.add(o)).neg_().add_(grad * v) if ctx.needs_input_grad[1] else None
-        gs = reduce(gs).mul_(ctx.factor) if gs is not None else None
-        go = ((reduce(grad) - reduce(gx)) * scale * ctx.factor) if ctx.needs_input_grad[2] else None
+        gx = torch.ops.aten.hardtanh_backward(grad, t, -0.5, ctx.qmax + 0.5)  # grad * m in one pass
+        gs = go = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # sums over the values of each scale, as per-channel dot products:
+            # ds = f * (<g, v> - <gx, t> - o * sum(gx)),  do = f * s * (sum(g) - sum(gx))
+            sum_gx = _channel_sum(gx, scale)
+            if ctx.needs_input_grad[1]:
+                gs = (_channel_dot(grad, v, scale) - _channel_dot(gx, t, scale) - o * sum_gx) * ctx.factor
+            if ctx.needs_input_grad[2]:  # asymmetric grids only
+                go = (_channel_sum(grad, scale) - sum_gx) * scale * ctx.factor
         return gx, gs, go, None, None
+
+
+def _channel_view(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``a`` as ``(C, N)`` with ``C`` the channels of a broadcast ``scale`` (``C = 1`` per-tensor)."""
+    if scale.dim() == 0 or scale.numel() == 1:
+        return a.reshape(1, -1)
+    axis = next(d for d in range(scale.dim()) if scale.shape[d] != 1)
+    return a.movedim(axis, 0).reshape(scale.shape[axis], -1)
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (_channel_view(a, scale) * _channel_view(b, scale)).sum(1).reshape(scale.shape)
+
+
+def _channel_sum(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _channel_view(a, scale).sum(1).reshape(scale.shape)
 
 
 def _grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
