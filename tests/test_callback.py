@@ -182,6 +182,8 @@ def test_validate_from_checkpoint_rebuilds_structure(tmp_path):
     ({"annealing": {"schedule": "cosin"}}, "Did you mean 'cosine'"),
     ({"annealing": 3}, "annealing must be"),
     ({"calibration_batches": 0}, "calibration_batches"),
+    ({"default_param_bw": 1}, "default_param_bw"),
+    ({"bn_folding": "simulate"}, "Did you mean 'simulated'"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(QuantConfigError, match=match):

@@ -26,7 +26,8 @@ from ..annealing import AnnealingConfig, EncodingAnnealer
 from ..calibration import QUANT_SCHEMES
 from ..errors import NotCalibratedError, QuantConfigError, did_you_mean
 from ..precision import loss_scaler
-from ..quantsim import QuantSimModel
+from ..graph.apply import BN_FOLDING
+from ..quantsim import QuantSimModel, _check_bitwidth
 
 
 def _default_input(batch: Any) -> Any:
@@ -80,6 +81,10 @@ class QuantizationAwareTraining(Callback):
             raise QuantConfigError(f"unknown quant_scheme '{quant_scheme}'." + did_you_mean(quant_scheme, QUANT_SCHEMES))
         if calibration_batches < 1:
             raise QuantConfigError(f"calibration_batches must be >= 1, got {calibration_batches}")
+        _check_bitwidth("default_param_bw", default_param_bw)
+        _check_bitwidth("default_output_bw", default_output_bw)
+        if bn_folding not in BN_FOLDING:
+            raise QuantConfigError(f"unknown bn_folding '{bn_folding}'." + did_you_mean(bn_folding, BN_FOLDING))
         if annealing is True:
             annealing = AnnealingConfig()
         elif isinstance(annealing, dict):
