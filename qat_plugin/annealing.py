@@ -138,8 +138,9 @@ class EncodingAnnealer:
         metrics: dict = {"alpha": alpha}
         observers = self._stop_monitors()
         self._monitoring = False
+        quantizers = self.sim.quantizers()
         for key, obs in observers.items():
-            q = self.sim.quantizers()[key]
+            q = quantizers[key]
             if obs is None or not obs.has_data():
                 continue
             all_reduce_observer(obs)

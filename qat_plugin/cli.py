@@ -14,10 +14,8 @@ from __future__ import annotations
 import copy
 import os
 import sys
-import time
 from typing import Optional
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningCLI

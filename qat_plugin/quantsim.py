@@ -17,12 +17,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .calibration import QUANT_SCHEMES, encoding_from_observer, make_observer
+from .calibration import check_quant_scheme, encoding_from_observer, make_observer
 from .calibration.observers import all_reduce_observer
 from .config import RuntimeConfig, load_config
 from .encoding import Encoding
-from .errors import QuantConfigError, did_you_mean
-from .graph.apply import BN_FOLDING, apply_plan
+from .errors import QuantConfigError
+from .graph.apply import apply_plan, check_bn_folding
 from .graph.plan import QuantizerSite, QuantPlan, make_plan
 from .graph.trace import LeafSpec, capture, leaf_names_of, propagate_shapes
 from .quantizer import QuantizeDequantize
@@ -65,10 +65,8 @@ class QuantSimModel:
                  default_param_bw: int = 8, default_output_bw: int = 8, config_file: ConfigLike = None,
                  in_place: bool = False, leaf_modules: Sequence[LeafSpec] = (), percentile: float = 99.99,
                  learnable: bool = False, bn_folding: str = "static"):
-        if quant_scheme not in QUANT_SCHEMES:
-            raise QuantConfigError(f"unknown quant_scheme '{quant_scheme}'." + did_you_mean(quant_scheme, QUANT_SCHEMES))
-        if bn_folding not in BN_FOLDING:
-            raise QuantConfigError(f"unknown bn_folding '{bn_folding}'." + did_you_mean(bn_folding, BN_FOLDING))
+        check_quant_scheme(quant_scheme)
+        check_bn_folding(bn_folding)
         if not 50.0 < float(percentile) <= 100.0:
             raise QuantConfigError(f"percentile must be in (50, 100], got {percentile}")
         self.quant_scheme = quant_scheme

@@ -10,8 +10,16 @@ from .range_setting import percentile_range, sqnr_search
 
 QUANT_SCHEMES = ("tf", "tf_enhanced", "percentile")
 
-__all__ = ["QUANT_SCHEMES", "Histogram", "HistogramObserver", "MinMaxObserver", "make_observer",
+__all__ = ["QUANT_SCHEMES", "check_quant_scheme", "Histogram", "HistogramObserver", "MinMaxObserver", "make_observer",
            "encoding_from_observer", "percentile_range", "sqnr_search"]
+
+
+def check_quant_scheme(scheme: str) -> str:
+    """``scheme`` if it is one of :data:`QUANT_SCHEMES`, else :class:`QuantConfigError` with a suggestion."""
+    if scheme not in QUANT_SCHEMES:
+        from ..errors import QuantConfigError, did_you_mean
+        raise QuantConfigError(f"unknown quant_scheme '{scheme}'." + did_you_mean(scheme, QUANT_SCHEMES))
+    return scheme
 
 
 def make_observer(scheme: str, axis: Optional[int] = None, name: str = ""):
@@ -20,10 +28,8 @@ def make_observer(scheme: str, axis: Optional[int] = None, name: str = ""):
         return MinMaxObserver(axis=axis, name=name)
     if scheme == "tf_enhanced":
         return HistogramObserver(num_bins=512 if axis is None else 256, axis=axis, name=name)
-    if scheme == "percentile":
-        return HistogramObserver(num_bins=2048, axis=axis, name=name)
-    from ..errors import QuantConfigError, did_you_mean
-    raise QuantConfigError(f"unknown quant_scheme '{scheme}'." + did_you_mean(scheme, QUANT_SCHEMES))
+    check_quant_scheme(scheme)
+    return HistogramObserver(num_bins=2048, axis=axis, name=name)
 
 
 def encoding_from_observer(observer, scheme: str, bitwidth: int, symmetric: bool, axis: Optional[int],

@@ -15,18 +15,16 @@ The callback's own state is plain values; encodings live in the model's ``state_
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
-from torch import nn
 
 from ..annealing import AnnealingConfig, EncodingAnnealer
-from ..calibration import QUANT_SCHEMES
+from ..calibration import check_quant_scheme
 from ..errors import NotCalibratedError, QuantConfigError, did_you_mean
 from ..precision import loss_scaler
-from ..graph.apply import BN_FOLDING
+from ..graph.apply import check_bn_folding
 from ..quantsim import QuantSimModel, _check_bitwidth
 
 
@@ -77,14 +75,12 @@ class QuantizationAwareTraining(Callback):
                  freeze_bn_step: Optional[int] = None, export_dir: Optional[str] = None,
                  export_prefix: str = "model", input_fn: Optional[Callable[[Any], Any]] = None,
                  log_every_n_steps: int = 50):
-        if quant_scheme not in QUANT_SCHEMES:
-            raise QuantConfigError(f"unknown quant_scheme '{quant_scheme}'." + did_you_mean(quant_scheme, QUANT_SCHEMES))
+        check_quant_scheme(quant_scheme)
         if calibration_batches < 1:
             raise QuantConfigError(f"calibration_batches must be >= 1, got {calibration_batches}")
         _check_bitwidth("default_param_bw", default_param_bw)
         _check_bitwidth("default_output_bw", default_output_bw)
-        if bn_folding not in BN_FOLDING:
-            raise QuantConfigError(f"unknown bn_folding '{bn_folding}'." + did_you_mean(bn_folding, BN_FOLDING))
+        check_bn_folding(bn_folding)
         if annealing is True:
             annealing = AnnealingConfig()
         elif isinstance(annealing, dict):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 from importlib import resources
-from typing import Optional, Union
+from typing import Union
 
 from ..errors import QuantConfigError, did_you_mean
 from .schema import OpRule, ParamRule, RuntimeConfig

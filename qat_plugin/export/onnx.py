@@ -61,6 +61,13 @@ def _translation(opset: int):
     return {torch.ops.qat_plugin.quantize_dequantize.default: qdq}
 
 
+def _integer_range(enc: Encoding) -> tuple[int, int]:
+    """The integer range of ``enc`` in ONNX's view: signed when symmetric, unsigned otherwise."""
+    if enc.symmetric:
+        return -(2 ** (enc.bitwidth - 1)), 2 ** (enc.bitwidth - 1) - 1
+    return 0, 2**enc.bitwidth - 1
+
+
 def _container_dtype(enc: Encoding) -> torch.dtype:
     if enc.bitwidth <= 8:
         return torch.int8 if enc.symmetric else torch.uint8
@@ -75,8 +82,7 @@ class _ExportQDQ(nn.Module):
         self.register_buffer("scale", enc.scale.float().clone())
         self.register_buffer("zero_point", enc.onnx_zero_point().to(_container_dtype(enc)))
         self.axis = enc.axis if enc.axis is not None else 0
-        self.qmin, self.qmax = (-(2 ** (enc.bitwidth - 1)), 2 ** (enc.bitwidth - 1) - 1) if enc.symmetric \
-            else (0, 2**enc.bitwidth - 1)
+        self.qmin, self.qmax = _integer_range(enc)
 
     def forward(self, x):
         return torch.ops.qat_plugin.quantize_dequantize(x, self.scale, self.zero_point, self.axis, self.qmin, self.qmax)
@@ -217,7 +223,7 @@ def _rewrite(model: onnx.ModelProto, site_of_scale: dict[str, Any]) -> dict[str,
         if key is None:
             continue
         signed = enc.symmetric
-        qmin, qmax = (-(2 ** (enc.bitwidth - 1)), 2 ** (enc.bitwidth - 1) - 1) if signed else (0, 2**enc.bitwidth - 1)
+        qmin, qmax = _integer_range(enc)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         low = _low_bit_type(enc.bitwidth, signed)
         consumers = [n for n in g.graph.node if node.output[0] in n.input]

@@ -44,6 +44,14 @@ def _make_quantizer(site: QuantizerSite, learnable: bool) -> QuantizeDequantize:
 BN_FOLDING = ("static", "simulated")
 
 
+def check_bn_folding(mode: str) -> str:
+    """``mode`` if it is one of :data:`BN_FOLDING`, else :class:`QuantConfigError` with a suggestion."""
+    if mode not in BN_FOLDING:
+        from ..errors import QuantConfigError, did_you_mean
+        raise QuantConfigError(f"unknown bn_folding '{mode}'." + did_you_mean(mode, BN_FOLDING))
+    return mode
+
+
 def apply_plan(gm: fx.GraphModule, plan: QuantPlan, learnable: bool = False,
                bn_folding: str = "static") -> dict[str, QuantizeDequantize]:
     """Mutate ``gm`` as ``plan`` says; return the quantizers by site key.

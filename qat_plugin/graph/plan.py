@@ -4,6 +4,7 @@ Nothing here mutates the model; :mod:`qat_plugin.graph.apply` does that.
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -50,11 +51,12 @@ class QuantPlan:
     #: nothing there; an export repeats the encoding after them so runtimes keep integer kernels.
     passthrough: tuple[tuple[str, str], ...] = ()
 
+    @functools.cached_property
+    def _by_key(self) -> dict[str, QuantizerSite]:
+        return {s.key: s for s in self.sites}
+
     def site(self, key: str) -> QuantizerSite:
-        for s in self.sites:
-            if s.key == key:
-                return s
-        raise KeyError(key)
+        return self._by_key[key]
 
     def by_kind(self, kind: str) -> list[QuantizerSite]:
         return [s for s in self.sites if s.kind == kind]
@@ -159,7 +161,6 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
     source: dict[fx.Node, Optional[str]] = {}
     uf = _UnionFind()
     unsupported: list[str] = []
-    placeholders = [n for n in nodes if n.op == "placeholder"]
 
     def add(site: QuantizerSite) -> str:
         sites[site.key] = site
@@ -266,18 +267,18 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
                 src = data_source(n)
                 if key in merged and src is not None and src in sites and merged.get(uf.find(src)):
                     merged[key] = replace(merged[key], bias_from=uf.find(src))
-    ordered = sorted(merged.values(), key=lambda s: _order(s, nodes))
+    index = {n.name: i for i, n in enumerate(nodes)}
+    module_index = {n.target: i for i, n in reversed(list(enumerate(nodes))) if n.op == "call_module"}
+    ordered = sorted(merged.values(), key=lambda s: _order(s, index, module_index))
     kept = tuple((n, uf.find(k)) for n, k in passthrough if uf.find(k) in merged)
     return QuantPlan(tuple(ordered), tuple((c.name, b.name) for c, b in folds.items()),
                      tuple(tuple(x.name for x in g) for g in groups), tuple(unsupported), kept)
 
 
-def _order(site: QuantizerSite, nodes: list[fx.Node]) -> tuple[int, int]:
-    index = {n.name: i for i, n in enumerate(nodes)}
+def _order(site: QuantizerSite, index: dict[str, int], module_index: dict[str, int]) -> tuple[int, int]:
+    """Graph order: a weight right before the output of the op that uses it."""
     if site.module is not None:
-        for i, n in enumerate(nodes):
-            if n.op == "call_module" and n.target == site.module:
-                return (i, 0)
+        return (module_index[site.module], 0)
     if site.kind == "param":
         return (min(index[x] for x in site.nodes), 0)
     return (min(index[x] for x in site.nodes), 1)
