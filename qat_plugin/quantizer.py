@@ -82,32 +82,45 @@ class _LearnedFakeQuantize(torch.autograd.Function):
     ``m = 1`` inside the range: ``dx = g * m``, ``ds = f * sum(g * v - g * m * (t + o))``,
     ``do = f * s * sum(g * (1 - m))`` with ``f`` the LSQ gradient factor; the sums run over the
     values of each scale (per tensor or per channel).
+
+    ``fixed_offset`` (a Python number, for grids whose offset does not learn, e.g. symmetric)
+    skips the shift: ``t = x / s`` and ``v = clamp(round(t), o, o + 2**b - 1)``, as the fixed
+    path and ONNX's QuantizeLinear (round, then add the zero point) do.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, offset, bitwidth, factor):
+    def forward(ctx, x, scale, offset, bitwidth, factor, fixed_offset=None):
         qmax = num_steps(bitwidth)
-        o = torch.round(offset)
-        t = (x / scale).sub_(o)
-        v = torch.round(t).clamp_(0, qmax).add_(o)
+        if fixed_offset is not None:
+            t = x / scale
+            v = torch.round(t).clamp_(fixed_offset, fixed_offset + qmax)
+            ctx.bounds = (fixed_offset - 0.5, fixed_offset + qmax + 0.5)
+            o = None
+        else:
+            o = torch.round(offset)
+            t = (x / scale).sub_(o)
+            v = torch.round(t).clamp_(0, qmax).add_(o)
+            ctx.bounds = (-0.5, qmax + 0.5)
         ctx.save_for_backward(t, v, scale, o)
-        ctx.qmax, ctx.factor = qmax, factor
+        ctx.factor = factor
         return v * scale
 
     @staticmethod
     def backward(ctx, grad):
         t, v, scale, o = ctx.saved_tensors
-        gx = torch.ops.aten.hardtanh_backward(grad, t, -0.5, ctx.qmax + 0.5)  # grad * m in one pass
+        gx = torch.ops.aten.hardtanh_backward(grad, t, *ctx.bounds)  # grad * m in one pass
         gs = go = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # sums over the values of each scale, as per-channel dot products:
-            # ds = f * (<g, v> - <gx, t> - o * sum(gx)),  do = f * s * (sum(g) - sum(gx))
-            sum_gx = _channel_sum(gx, scale)
-            if ctx.needs_input_grad[1]:
-                gs = (_channel_dot(grad, v, scale) - _channel_dot(gx, t, scale) - o * sum_gx) * ctx.factor
-            if ctx.needs_input_grad[2]:  # asymmetric grids only
-                go = (_channel_sum(grad, scale) - sum_gx) * scale * ctx.factor
-        return gx, gs, go, None, None
+        learn_offset = ctx.needs_input_grad[2] and o is not None  # learned (asymmetric) offsets only
+        sum_gx = _channel_sum(gx, scale) if o is not None and (ctx.needs_input_grad[1] or learn_offset) else None
+        if ctx.needs_input_grad[1]:
+            # ds = f * (<g, v> - <gx, t>) (- f * o * sum(gx) when t was shifted by o)
+            gs = _channel_dot_diff(grad, v, gx, t, scale)
+            if o is not None:
+                gs = gs - o * sum_gx
+            gs = gs * ctx.factor
+        if learn_offset:
+            go = (_channel_sum(grad, scale) - sum_gx) * scale * ctx.factor
+        return gx, gs, go, None, None, None
 
 
 def _channel_view(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -118,8 +131,13 @@ def _channel_view(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return a.movedim(axis, 0).reshape(scale.shape[axis], -1)
 
 
-def _channel_dot(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (_channel_view(a, scale) * _channel_view(b, scale)).sum(1).reshape(scale.shape)
+def _channel_dot_diff(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor,
+                      scale: torch.Tensor) -> torch.Tensor:
+    """``<a, b> - <c, d>`` per channel of ``scale``: two fused dot products per tensor, else
+    one product buffer and one multiply-add before the channel sums."""
+    if scale.dim() == 0 or scale.numel() == 1:
+        return (torch.dot(a.reshape(-1), b.reshape(-1)) - torch.dot(c.reshape(-1), d.reshape(-1))).reshape(scale.shape)
+    return _channel_sum((a * b).addcmul_(c, d, value=-1), scale)
 
 
 def _channel_sum(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -200,9 +218,15 @@ class QuantizeDequantize(nn.Module):
         return self.scale.requires_grad
 
     def freeze(self) -> None:
-        """Stop learning scale/offset (the encoding stays as it is)."""
+        """Stop learning scale/offset (the encoding stays as it is: the fixed-grid path takes the
+        learned ``|scale|`` and rounded offset, as :attr:`encoding` reports them)."""
+        if self._initialized and self.learnable:
+            with torch.no_grad():
+                self.scale.copy_(self._positive_scale())
+                self.offset.copy_(torch.round(self.offset))
         self.scale.requires_grad_(False)
         self.offset.requires_grad_(False)
+        self._sync_offset_value()
 
     def unfreeze(self) -> None:
         self.scale.requires_grad_(True)
@@ -299,7 +323,8 @@ class QuantizeDequantize(nn.Module):
             if self.learnable:
                 # LSQ's gradient scale: 1 / sqrt(values per scale * levels)
                 g = (x.numel() / max(1, self.scale.numel()) * num_steps(self.bitwidth)) ** -0.5
-                out = _LearnedFakeQuantize.apply(x.float(), scale.float(), offset.float(), self.bitwidth, g)
+                fixed = self._offset_value if not self.offset.requires_grad else None
+                out = _LearnedFakeQuantize.apply(x.float(), scale.float(), offset.float(), self.bitwidth, g, fixed)
             else:
                 fixed = self._offset_value if self._offset_value is not None else offset.detach().float()
                 out = _FixedFakeQuantize.apply(x.float(), scale.detach().float(), fixed, self.bitwidth)

@@ -88,6 +88,27 @@ def test_freeze_stops_range_learning():
     assert q.scale.requires_grad and q.offset.requires_grad
 
 
+@pytest.mark.parametrize("axis", [None, 1])
+def test_freeze_after_learning_keeps_the_learned_grid(axis):
+    """Offsets and scales an optimizer moved (even through zero) are what the frozen quantizer
+    uses: the fixed-grid path must not fall back to the calibrated offset."""
+    from qat_plugin.quantizer import fake_quantize
+
+    q = make(8, False, axis=axis, channels=3 if axis else 0, learnable=True)
+    with torch.no_grad():
+        q.offset.add_(-7.3)
+        q.scale.mul_(-1.1)  # an optimizer pushed the scale through zero: the grid uses |scale|
+    x = torch.randn(4, 3, 5, 5) * 2
+    learned = q(x).detach()
+    enc = q.encoding
+    q.freeze()
+    assert not q.learnable and q.encoding.scale.equal(enc.scale) and q.encoding.offset.equal(enc.offset)
+    shape = (1, 3, 1, 1) if axis else ()
+    ref = fake_quantize(x, enc.scale.float().reshape(shape), enc.offset.float().reshape(shape), 8)
+    torch.testing.assert_close(q(x), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(learned, ref, rtol=0, atol=1e-6)
+
+
 def test_uncalibrated_forward_raises():
     q = QuantizeDequantize(name="layer.output")
     with pytest.raises(NotCalibratedError, match="compute_encodings"):
