@@ -1,16 +1,19 @@
 """QAT recovery at W4A8 on digits, with and without SQNR encoding annealing, and QAT step cost.
 
-    python benchmarks/qat_recovery.py [--epochs 8] [--qat-epochs 4]
+    python benchmarks/qat_recovery.py [--epochs 8] [--qat-epochs 4] [--lrs 0.005 0.01] [--seeds 8]
 
 Trains torchvision mobilenet_v2 on scikit-learn's bundled digits (32x32), then prints one
-table: FP32, PTQ (W4A8), QAT without annealing and QAT with SQNR annealing (same seed, data
-order and hyper-parameters), and the QAT step time as a ratio to the FP32 step time measured in
-the same run for mobilenet_v2 and resnet18 (batch 64, 32x32, fixed and learned ranges).
+table: FP32, PTQ (W4A8), and for each QAT learning rate, QAT without annealing and QAT with SQNR
+annealing (same seed, data order and hyper-parameters per pair), with the paired per-seed
+difference and its 95% t-interval, plus an ablation: QAT from SQNR (tf_enhanced) activation
+encodings held fixed (weights min-max in every variant); then the QAT step time as a ratio to the FP32 step time
+measured in the same run for mobilenet_v2 and resnet18 (batch 64, 32x32, fixed and learned ranges).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import os
 import sys
 import time
@@ -27,8 +30,9 @@ from qat_plugin import QuantSimModel  # noqa: E402
 from qat_plugin.annealing import AnnealingConfig, EncodingAnnealer  # noqa: E402
 
 
-def make_sim(model, x_tr, scheme, pbw, abw):
-    sim = QuantSimModel(model, x_tr[:2], quant_scheme=scheme, default_param_bw=pbw, default_output_bw=abw)
+def make_sim(model, x_tr, scheme, pbw, abw, param_scheme=None):
+    sim = QuantSimModel(model, x_tr[:2], quant_scheme=scheme, default_param_bw=pbw, default_output_bw=abw,
+                        param_quant_scheme=param_scheme)
     sim.compute_encodings(lambda m, _: [m(x_tr[i:i + 64]) for i in range(0, 512, 64)])
     return sim
 
@@ -99,49 +103,75 @@ def step_ratios(name, rounds=3, log=print):
     return {learn: best[learn] / best["fp32"] for learn in (False, True)}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--qat-epochs", type=int, default=4)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--scheme", default="tf")
-    p.add_argument("--seeds", type=int, default=3)
-    args = p.parse_args(argv)
-    warnings.simplefilter("ignore")
+#: two-sided 95% Student-t quantiles for n - 1 degrees of freedom (n = 2..12)
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20}
+
+
+def paired(plain: list[float], annealed: list[float]) -> tuple[float, float, int]:
+    """Mean per-seed difference (annealed - plain), its 95% t-interval half-width, and the number
+    of seeds where annealed >= plain."""
+    d = [a - p for p, a in zip(plain, annealed)]
+    half = _T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return statistics.fmean(d), half, sum(x >= 0 for x in d)
+
+
+def mean_std(v: list[float]) -> str:
+    return f"{statistics.fmean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}"
+
+
+def accuracy_table(args):
     model, (x_tr, y_tr, x_va, y_va) = train_fp32("mobilenet_v2", args.epochs)
     fp32 = accuracy(model, x_va, y_va)
-    # the same extra epochs in FP32, to separate what QAT recovers from what more training adds
-    tuned = copy.deepcopy(model)
-    fp32_tuned = accuracy(qat(_Float(tuned), (x_tr, y_tr), args.qat_epochs, args.lr).model, x_va, y_va)
     ptq = accuracy(make_sim(model, x_tr, args.scheme, 4, 8).model, x_va, y_va)
     steps = args.qat_epochs * ((len(y_tr) + 63) // 64)
     ann = AnnealingConfig(start_step=0, end_step=steps, every_n_steps=5, alpha0=0.1, stat_batches=2,
                           freeze_ranges=True)
-    runs = {"plain": [], "annealed": []}
-    t0 = time.perf_counter()
-    for seed in range(args.seeds):
-        runs["plain"].append(accuracy(qat(make_sim(model, x_tr, args.scheme, 4, 8), (x_tr, y_tr), args.qat_epochs,
-                                          args.lr, seed=seed).model, x_va, y_va))
-        runs["annealed"].append(accuracy(qat(make_sim(model, x_tr, args.scheme, 4, 8), (x_tr, y_tr), args.qat_epochs,
-                                             args.lr, ann, seed=seed).model, x_va, y_va))
-        print(f"  seed {seed}: QAT {runs['plain'][-1]:.2f}, annealed {runs['annealed'][-1]:.2f}", flush=True)
-    print(f"  {2 * args.seeds} QAT runs of {steps} steps in {time.perf_counter() - t0:.0f}s")
-    mean = {k: float(torch.tensor(v).mean()) for k, v in runs.items()}
-    std = {k: float(torch.tensor(v).std()) if len(v) > 1 else 0.0 for k, v in runs.items()}
-    plain, annealed = mean["plain"], mean["annealed"]
-    ratios = {name: step_ratios(name) for name in ("mobilenet_v2", "resnet18")}
-    rows = [["mobilenet_v2 W4A8", f"{fp32:.2f}", f"{fp32_tuned:.2f}", f"{ptq:.2f}", f"{plain:.2f} ± {std['plain']:.2f}",
-             f"{annealed:.2f} ± {std['annealed']:.2f}",
-             f"{annealed - fp32:+.2f}", f"{annealed - plain:+.2f}"]]
+    # (calibration scheme for activations, annealing): weights are min-max in every variant
+    variants = {"plain": (args.scheme, None), "annealed": (args.scheme, ann), "sqnr_fixed": ("tf_enhanced", None)}
+    rows = []
+    for lr in args.lrs:
+        # the same extra epochs in FP32, to separate what QAT recovers from what more training adds
+        fp32_tuned = accuracy(qat(_Float(copy.deepcopy(model)), (x_tr, y_tr), args.qat_epochs, lr).model, x_va, y_va)
+        runs = {k: [] for k in variants}
+        t0 = time.perf_counter()
+        for seed in range(args.seeds):
+            for kind, (scheme, cfg) in variants.items():
+                sim = make_sim(model, x_tr, scheme, 4, 8, param_scheme="tf")
+                runs[kind].append(accuracy(qat(sim, (x_tr, y_tr), args.qat_epochs, lr, cfg, seed=seed).model, x_va, y_va))
+            print(f"  lr {lr} seed {seed}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in runs.items()), flush=True)
+        print(f"  {len(variants) * args.seeds} QAT runs of {steps} steps in {time.perf_counter() - t0:.0f}s")
+        diff, half, wins = paired(runs["plain"], runs["annealed"])
+        rows.append([f"mobilenet_v2 W4A8, lr {lr}", f"{fp32:.2f}", f"{fp32_tuned:.2f}", f"{ptq:.2f}",
+                     mean_std(runs["plain"]), mean_std(runs["annealed"]),
+                     f"{statistics.fmean(runs['annealed']) - fp32:+.2f}", f"{diff:+.2f} ± {half:.2f}",
+                     f"{wins}/{args.seeds}", mean_std(runs["sqnr_fixed"])])
     print()
     print(markdown_table(["model", "FP32 %", "FP32 + same epochs %", "PTQ %", "QAT %", "QAT + SQNR annealing %",
-                          "annealed - FP32", "annealed - QAT"], rows))
-    print()
-    print(markdown_table(["model", "QAT step / FP32 step (fixed ranges)", "QAT step / FP32 step (learned ranges)"],
-                         [[n, f"{r[False]:.2f}", f"{r[True]:.2f}"] for n, r in ratios.items()]))
-    print(f"\nvalidation: 360 held-out digits (1 image = 0.28 pt); QAT: mean ± std over {args.seeds} seeds, {args.qat_epochs} epochs SGD lr {args.lr} cosine, scheme "
-          f"'{args.scheme}', annealing {ann}; steps: batch 64 at 32x32, best of 3 alternating rounds, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+                          "annealed - FP32", "annealed - QAT (paired, 95%)", "seeds annealed >= QAT",
+                          "ablation: QAT from fixed SQNR activation encodings %"], rows))
+    print(f"\nvalidation: 360 held-out digits (1 image = 0.28 pt); QAT: mean ± std over {args.seeds} seeds, "
+          f"{args.qat_epochs} epochs SGD momentum 0.9 cosine, calibration '{args.scheme}' (weights 'tf'), annealing {ann}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--qat-epochs", type=int, default=4)
+    p.add_argument("--lrs", type=float, nargs="+", default=[0.005, 0.01])
+    p.add_argument("--scheme", default="tf")
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--parts", nargs="+", choices=["accuracy", "steps"], default=["accuracy", "steps"])
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    if "accuracy" in args.parts:
+        accuracy_table(args)
+    if "steps" in args.parts:
+        ratios = {name: step_ratios(name) for name in ("mobilenet_v2", "resnet18")}
+        print()
+        print(markdown_table(["model", "QAT step / FP32 step (fixed ranges)", "QAT step / FP32 step (learned ranges)"],
+                             [[n, f"{r[False]:.2f}", f"{r[True]:.2f}"] for n, r in ratios.items()]))
+        print(f"\nsteps: batch 64 at 32x32, best of 3 alternating rounds, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":

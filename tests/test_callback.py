@@ -43,10 +43,11 @@ class Probe(pl.Callback):
 def test_fit_quantizes_calibrates_and_validates_through_the_simulation(tmp_path):
     train, val = loaders()
     module = DigitsModule()
-    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=4)
+    qat = QuantizationAwareTraining(quant_scheme="tf", param_quant_scheme="tf_enhanced", calibration_batches=4)
     t = trainer(tmp_path, 30, [qat])
     t.fit(module, train, val)
     assert module.net is qat.sim.model
+    assert (qat.sim.quant_scheme, qat.sim.param_quant_scheme) == ("tf", "tf_enhanced")
     assert any(isinstance(m, QuantizeDequantize) for m in module.net.modules())
     assert all(q.is_initialized() for q in qat.sim.quantizers().values())
     assert qat.applied_steps == 30
@@ -184,6 +185,7 @@ def test_validate_from_checkpoint_rebuilds_structure(tmp_path):
     ({"calibration_batches": 0}, "calibration_batches"),
     ({"default_param_bw": 1}, "default_param_bw"),
     ({"bn_folding": "simulate"}, "Did you mean 'simulated'"),
+    ({"param_quant_scheme": "percentile"}, "weights take tf or tf_enhanced"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(QuantConfigError, match=match):

@@ -147,10 +147,39 @@ def test_bad_dummy_input():
     ({"default_output_bw": 32}, "default_output_bw"),
     ({"percentile": 20}, "percentile"),
     ({"config_file": "defualt"}, "Did you mean 'default'"),
+    ({"param_quant_scheme": "percentile"}, "weights take tf or tf_enhanced"),
+    ({"param_quant_scheme": "tf_enhance"}, "Did you mean 'tf_enhanced'"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(QuantConfigError, match=match):
         QuantSimModel(small(), X, **kwargs)
+
+
+@pytest.mark.parametrize("scheme, param_scheme, expect_weights", [
+    ("tf_enhanced", "tf", "tf"), ("tf", "tf_enhanced", "tf_enhanced"), ("tf_enhanced", None, "tf_enhanced"),
+    ("percentile", None, "tf"),
+])
+def test_param_quant_scheme_sets_weights_only(scheme, param_scheme, expect_weights):
+    """Weights follow ``param_quant_scheme``; activations follow ``quant_scheme`` whatever it is."""
+    model = small()
+    x = X.clone()
+    x[0, 0, 0, 0] = 40.0  # an outlier the SQNR search clips and min-max keeps
+    sim = lambda s, p=None: calibrate(QuantSimModel(model, x, quant_scheme=s, param_quant_scheme=p, default_param_bw=4), x)
+    mixed, acts_ref, weights_ref = sim(scheme, param_scheme), sim(scheme), sim(expect_weights)
+    assert mixed.param_quant_scheme == expect_weights
+    for key, q in mixed.quantizers().items():
+        if mixed.plan.site(key).kind == "param":
+            ref = weights_ref.quantizers()[key].encoding
+        elif key == "input_1_input":  # later activations sit behind the (differently) quantized weights
+            ref = acts_ref.quantizers()[key].encoding
+        else:
+            continue
+        assert torch.equal(q.encoding.scale, ref.scale) and torch.equal(q.encoding.offset, ref.offset), key
+    w = "0.weight"
+    minmax, sqnr = sim("tf").quantizers()[w].encoding, sim("tf_enhanced").quantizers()[w].encoding
+    assert not torch.equal(minmax.scale, sqnr.scale)  # the two weight schemes really differ here
+    i = "input_1_input"
+    assert not torch.equal(sim("tf").quantizers()[i].encoding.scale, sim("tf_enhanced").quantizers()[i].encoding.scale)
 
 
 def test_learnable_ranges_train():

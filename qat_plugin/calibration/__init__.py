@@ -9,8 +9,10 @@ from .observers import Histogram, HistogramObserver, MinMaxObserver
 from .range_setting import percentile_range, sqnr_search
 
 QUANT_SCHEMES = ("tf", "tf_enhanced", "percentile")
+#: Schemes for weights (a percentile of a weight tensor would clip its largest weights by count).
+PARAM_QUANT_SCHEMES = ("tf", "tf_enhanced")
 
-__all__ = ["QUANT_SCHEMES", "check_quant_scheme", "Histogram", "HistogramObserver", "MinMaxObserver", "make_observer",
+__all__ = ["QUANT_SCHEMES", "PARAM_QUANT_SCHEMES", "check_quant_scheme", "param_scheme_for", "Histogram", "HistogramObserver", "MinMaxObserver", "make_observer",
            "encoding_from_observer", "percentile_range", "sqnr_search"]
 
 
@@ -20,6 +22,19 @@ def check_quant_scheme(scheme: str) -> str:
         from ..errors import QuantConfigError, did_you_mean
         raise QuantConfigError(f"unknown quant_scheme '{scheme}'." + did_you_mean(scheme, QUANT_SCHEMES))
     return scheme
+
+
+def param_scheme_for(quant_scheme: str, param_quant_scheme: Optional[str] = None) -> str:
+    """The scheme that sets weight encodings: ``param_quant_scheme`` if given (``tf`` or
+    ``tf_enhanced``), else ``quant_scheme`` (``tf`` for ``percentile``)."""
+    check_quant_scheme(quant_scheme)
+    if param_quant_scheme is None:
+        return "tf" if quant_scheme == "percentile" else quant_scheme
+    if param_quant_scheme not in PARAM_QUANT_SCHEMES:
+        from ..errors import QuantConfigError, did_you_mean
+        raise QuantConfigError(f"unknown param_quant_scheme '{param_quant_scheme}' (weights take "
+                               f"{' or '.join(PARAM_QUANT_SCHEMES)})." + did_you_mean(param_quant_scheme, PARAM_QUANT_SCHEMES))
+    return param_quant_scheme
 
 
 def make_observer(scheme: str, axis: Optional[int] = None, name: str = ""):

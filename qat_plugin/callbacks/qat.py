@@ -21,7 +21,7 @@ import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 
 from ..annealing import AnnealingConfig, EncodingAnnealer
-from ..calibration import check_quant_scheme
+from ..calibration import param_scheme_for
 from ..errors import NotCalibratedError, QuantConfigError, did_you_mean
 from ..precision import loss_scaler
 from ..graph.apply import check_bn_folding
@@ -46,8 +46,8 @@ class QuantizationAwareTraining(Callback):
     """Quantization-aware fine-tuning of a LightningModule's network.
 
     Args:
-        quant_scheme, default_param_bw, default_output_bw, config_file, leaf_modules: as in
-            :class:`~qat_plugin.QuantSimModel`.
+        quant_scheme, param_quant_scheme, default_param_bw, default_output_bw, config_file,
+            leaf_modules: as in :class:`~qat_plugin.QuantSimModel`.
         module_name: the attribute (dotted path) of the LightningModule holding the network
             to quantize. Default: its only child module with parameters.
         dummy_input: an input for tracing; default ``example_input_array`` or a datamodule batch.
@@ -74,8 +74,8 @@ class QuantizationAwareTraining(Callback):
                  freeze_ranges_step: Optional[int] = None, bn_folding: str = "static",
                  freeze_bn_step: Optional[int] = None, export_dir: Optional[str] = None,
                  export_prefix: str = "model", input_fn: Optional[Callable[[Any], Any]] = None,
-                 log_every_n_steps: int = 50):
-        check_quant_scheme(quant_scheme)
+                 log_every_n_steps: int = 50, param_quant_scheme: Optional[str] = None):
+        param_scheme_for(quant_scheme, param_quant_scheme)
         if calibration_batches < 1:
             raise QuantConfigError(f"calibration_batches must be >= 1, got {calibration_batches}")
         _check_bitwidth("default_param_bw", default_param_bw)
@@ -93,7 +93,8 @@ class QuantizationAwareTraining(Callback):
             annealing = None
         elif annealing is not None and not isinstance(annealing, AnnealingConfig):
             raise QuantConfigError(f"annealing must be True/False, a dict or an AnnealingConfig, got {annealing!r}")
-        self.sim_kwargs = dict(quant_scheme=quant_scheme, default_param_bw=default_param_bw,
+        self.sim_kwargs = dict(quant_scheme=quant_scheme, param_quant_scheme=param_quant_scheme,
+                               default_param_bw=default_param_bw,
                                default_output_bw=default_output_bw, config_file=config_file,
                                leaf_modules=tuple(leaf_modules), learnable=learn_ranges, bn_folding=bn_folding)
         if freeze_bn_step is not None and bn_folding != "simulated":

@@ -351,7 +351,7 @@ def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input:
     enc_path = os.path.join(os.fspath(path), f"{filename_prefix}.encodings")
     write_encodings(enc_path, acts, params, {
         "activation_bitwidth": sim.output_bw, "param_bitwidth": sim.param_bw, "dtype": "int",
-        "quant_scheme": sim.quant_scheme, "config": sim.config.name,
+        "quant_scheme": sim.quant_scheme, "param_quant_scheme": sim.param_quant_scheme, "config": sim.config.name,
         "per_channel_quantization": sim.config.per_channel_quantization, "opset": opset})
 
     fp32_path = None
