@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import os
+import statistics
 import sys
 import time
 import warnings
 
+import scipy.stats
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -103,15 +104,11 @@ def step_ratios(name, rounds=3, log=print):
     return {learn: best[learn] / best["fp32"] for learn in (False, True)}
 
 
-#: two-sided 95% Student-t quantiles for n - 1 degrees of freedom (n = 2..12)
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20}
-
-
 def paired(plain: list[float], annealed: list[float]) -> tuple[float, float, int]:
     """Mean per-seed difference (annealed - plain), its 95% t-interval half-width, and the number
     of seeds where annealed >= plain."""
     d = [a - p for p, a in zip(plain, annealed)]
-    half = _T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    half = float(scipy.stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / len(d) ** 0.5) if len(d) > 1 else float("nan")
     return statistics.fmean(d), half, sum(x >= 0 for x in d)
 
 
