@@ -123,9 +123,13 @@ class _LearnedFakeQuantize(torch.autograd.Function):
         return gx, gs, go, None, None, None
 
 
+def _per_tensor(scale: torch.Tensor) -> bool:
+    return scale.dim() == 0 or scale.numel() == 1
+
+
 def _channel_view(a: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``a`` as ``(C, N)`` with ``C`` the channels of a broadcast ``scale`` (``C = 1`` per-tensor)."""
-    if scale.dim() == 0 or scale.numel() == 1:
+    if _per_tensor(scale):
         return a.reshape(1, -1)
     axis = next(d for d in range(scale.dim()) if scale.shape[d] != 1)
     return a.movedim(axis, 0).reshape(scale.shape[axis], -1)
@@ -135,7 +139,7 @@ def _channel_dot_diff(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torc
                       scale: torch.Tensor) -> torch.Tensor:
     """``<a, b> - <c, d>`` per channel of ``scale``: two fused dot products per tensor, else
     one product buffer and one multiply-add before the channel sums."""
-    if scale.dim() == 0 or scale.numel() == 1:
+    if _per_tensor(scale):
         return (torch.dot(a.reshape(-1), b.reshape(-1)) - torch.dot(c.reshape(-1), d.reshape(-1))).reshape(scale.shape)
     return _channel_sum((a * b).addcmul_(c, d, value=-1), scale)
 
