@@ -59,8 +59,10 @@ class _FixedFakeQuantize(torch.autograd.Function):
         qmax = num_steps(bitwidth)
         t = x / scale
         if isinstance(offset, torch.Tensor):
+            # round before the shift, as ONNX (round(x / s) + zero point): half-to-even is not
+            # invariant under a shift by an odd offset; the shifted quotient only sets the mask
+            out = torch.round(t).sub_(offset).clamp_(0, qmax).add_(offset).mul_(scale)
             t = t.sub_(offset)
-            out = torch.round(t).clamp_(0, qmax).add_(offset).mul_(scale)
             ctx.bounds = (-0.5, qmax + 0.5)
         else:
             out = torch.round(t).clamp_(offset, offset + qmax).mul_(scale)
@@ -78,7 +80,7 @@ class _LearnedFakeQuantize(torch.autograd.Function):
     """LSQ fake-quantization with hand-written gradients (same values as :func:`fake_quantize`,
     which is the autograd reference, in about a third of the memory passes).
 
-    With ``t = x / s - o`` (``o`` rounded), ``v = clamp(round(t), 0, 2**b - 1) + o`` and
+    With ``t = x / s - o`` (``o`` rounded), ``v = clamp(round(x / s) - o, 0, 2**b - 1) + o`` and
     ``m = 1`` inside the range: ``dx = g * m``, ``ds = f * sum(g * v - g * m * (t + o))``,
     ``do = f * s * sum(g * (1 - m))`` with ``f`` the LSQ gradient factor; the sums run over the
     values of each scale (per tensor or per channel).
@@ -98,8 +100,9 @@ class _LearnedFakeQuantize(torch.autograd.Function):
             o = None
         else:
             o = torch.round(offset)
-            t = (x / scale).sub_(o)
-            v = torch.round(t).clamp_(0, qmax).add_(o)
+            t = x / scale
+            v = torch.round(t).sub_(o).clamp_(0, qmax).add_(o)  # round before the shift, as ONNX
+            t = t.sub_(o)
             ctx.bounds = (-0.5, qmax + 0.5)
         ctx.save_for_backward(t, v, scale, o)
         ctx.factor = factor
@@ -167,11 +170,12 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bi
         scale, offset = _grad_scale(scale, grad_factor), _grad_scale(offset, grad_factor)
     qmax = num_steps(bitwidth)
     offset = _RoundSTE.apply(offset)
-    t = x / scale - offset
+    quotient = x / scale
+    t = quotient - offset
     with torch.no_grad():
         inside = (t > -0.5) & (t < qmax + 0.5)
-        clipped = torch.clamp(torch.round(t), 0, qmax)
-    rounded = (_RoundSTE.apply(t) + offset) * scale
+        clipped = torch.clamp(torch.round(quotient) - offset, 0, qmax)  # round, then shift: as ONNX
+    rounded = _RoundSTE.apply(quotient) * scale
     saturated = (clipped + offset) * scale
     return torch.where(inside, rounded, saturated)
 

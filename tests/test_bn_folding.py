@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from qat_plugin.graph.apply import fold_batch_norm_
-from test_placement import randomize_bn
+from helpers import calibrate, randomize_bn
 
 
 @pytest.mark.parametrize("layer, bn, shape", [
@@ -38,7 +38,6 @@ def test_fold_without_affine_bn():
 
 def test_quantsim_folds_and_matches_float_with_quantizers_disabled():
     from qat_plugin import QuantSimModel
-    from conftest import calibrate
 
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
                                        nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8), nn.ReLU6())).eval()
@@ -60,7 +59,6 @@ def _conv_bn_model():
 
 def test_simulated_folding_equals_static_folding_in_eval():
     from qat_plugin import QuantSimModel
-    from conftest import calibrate
 
     x = torch.randn(8, 3, 9, 9)
     model = _conv_bn_model()
@@ -76,7 +74,6 @@ def test_simulated_folding_equals_static_folding_in_eval():
 
 def test_simulated_folding_trains_statistics_until_frozen():
     from qat_plugin import QuantSimModel
-    from conftest import calibrate
 
     x = torch.randn(8, 3, 9, 9)
     sim = calibrate(QuantSimModel(_conv_bn_model(), x, bn_folding="simulated"), x)
@@ -101,7 +98,6 @@ def test_simulated_folding_trains_statistics_until_frozen():
 def test_simulated_folding_exports_and_matches(tmp_path):
     from qat_plugin import QuantSimModel
     from qat_plugin.export import verify
-    from conftest import calibrate
 
     x = torch.randn(32, 3, 9, 9)
     sim = calibrate(QuantSimModel(_conv_bn_model(), x[:2], bn_folding="simulated"), x)

@@ -14,8 +14,7 @@ from torch import nn
 from qat_plugin import NotCalibratedError, QuantConfigError, QuantSimModel
 from qat_plugin.export import load_encodings, verify
 from qat_plugin.export.verify import main as verify_main
-from conftest import calibrate
-from test_placement import randomize_bn
+from helpers import calibrate, randomize_bn
 
 warnings.filterwarnings("ignore", message=".*left in float.*")
 

@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 from qat_plugin import QuantSimModel
-from conftest import calibrate
+from helpers import calibrate
 
 
 def count(sim):

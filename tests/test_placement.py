@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat_plugin import QuantSimModel
-from conftest import calibrate
+from helpers import calibrate, randomize_bn
 
 
 def sites(sim, kind=None):
@@ -29,16 +29,6 @@ class ConvBnRelu(nn.Module):
 
     def forward(self, x):
         return self.act(self.bn(self.conv(x)))
-
-
-def randomize_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-    return model
 
 
 @pytest.mark.parametrize("act, op", [(nn.ReLU(), "Relu"), (nn.ReLU6(), "Clip"), (nn.Hardtanh(0, 4), "Clip")])

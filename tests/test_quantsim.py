@@ -7,8 +7,7 @@ from torch import nn
 
 from qat_plugin import (CalibrationError, NotCalibratedError, QuantConfigError, QuantSimModel,
                         UnsupportedModelError)
-from conftest import calibrate
-from test_placement import randomize_bn
+from helpers import calibrate, randomize_bn
 
 
 def small():

@@ -1,0 +1,22 @@
+"""Helpers shared by several test modules (import as ``from helpers import ...``)."""
+from torch import nn
+
+
+def calibrate(sim, *batches):
+    """Run compute_encodings over the given input batches (tensors or tuples)."""
+    def forward(model, _):
+        for b in batches:
+            model(*b) if isinstance(b, tuple) else model(b)
+    sim.compute_encodings(forward)
+    return sim
+
+
+def randomize_bn(model):
+    """Give every BatchNorm non-trivial running statistics and affine parameters (in place)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model
