@@ -10,6 +10,8 @@ Names follow AIMET so AIMET users can switch::
 from __future__ import annotations
 
 import copy
+import dataclasses
+import fnmatch
 import os
 import warnings
 from typing import Any, Callable, Optional, Sequence, Union
@@ -19,10 +21,11 @@ from torch import nn
 
 from .calibration import encoding_from_observer, make_observer, param_scheme_for
 from .calibration.observers import all_reduce_observer
-from .config import RuntimeConfig, load_config
+from .config import RuntimeConfig, check_exportable_bitwidth, load_config
 from .encoding import Encoding
-from .errors import QuantConfigError
+from .errors import QuantConfigError, did_you_mean
 from .graph.apply import apply_plan, check_bn_folding
+from .graph.patterns import OP_TYPES
 from .graph.plan import QuantizerSite, QuantPlan, make_plan
 from .graph.trace import LeafSpec, capture, leaf_names_of, propagate_shapes
 from .quantizer import QuantizeDequantize
@@ -63,12 +66,17 @@ class QuantSimModel:
             ``"simulated"`` keeps BN inside the quantized layer: weights are quantized after
             folding with running statistics, and training updates the statistics until
             :meth:`freeze_batch_norm`. Inference and export are identical in both modes.
+        capture_method: ``"auto"`` (torch.fx when it traces the model and sees into every module
+            with parameters, else ``torch.export``), ``"fx"`` or ``"export"``; see
+            :func:`qat_plugin.graph.trace.capture`. Token models take integer ids (and an int64
+            attention mask) as ``dummy_input``.
     """
 
     def __init__(self, model: nn.Module, dummy_input: Any, quant_scheme: str = "tf_enhanced",
                  default_param_bw: int = 8, default_output_bw: int = 8, config_file: ConfigLike = None,
                  in_place: bool = False, leaf_modules: Sequence[LeafSpec] = (), percentile: float = 99.99,
-                 learnable: bool = False, bn_folding: str = "static", param_quant_scheme: Optional[str] = None):
+                 learnable: bool = False, bn_folding: str = "static", param_quant_scheme: Optional[str] = None,
+                 capture_method: str = "auto"):
         self.param_quant_scheme = param_scheme_for(quant_scheme, param_quant_scheme)
         check_bn_folding(bn_folding)
         if not 50.0 < float(percentile) <= 100.0:
@@ -84,7 +92,7 @@ class QuantSimModel:
         # once the plan exists (and only with in_place=True).
         work = model if in_place else copy.deepcopy(model)
         leaf_names = leaf_names_of(work, leaf_modules)
-        gm = capture(work, leaf_modules)
+        gm = capture(work, leaf_modules, example_args=args, method=capture_method)
         propagate_shapes(gm, args)
         self.plan: QuantPlan = make_plan(gm, self.config, self.param_bw, self.output_bw, leaf_names)
         if self.plan.unsupported:
@@ -93,6 +101,7 @@ class QuantSimModel:
         self._quantizers = apply_plan(gm, self.plan, learnable=learnable, bn_folding=bn_folding)
         gm.train(model.training)
         self.model: nn.Module = gm
+        self._apply_config_precision()
 
     # ---- introspection -------------------------------------------------------------------
     def quantizer_sites(self) -> list[QuantizerSite]:
@@ -105,6 +114,168 @@ class QuantSimModel:
 
     def encodings(self) -> dict[str, Optional[Encoding]]:
         return {k: q.encoding for k, q in self._quantizers.items()}
+
+    # ---- per-layer precision -------------------------------------------------------------
+    def set_precision(self, target: str, *, param_bw: Optional[int] = None,
+                      output_bw: Optional[int] = None) -> list[str]:
+        """Give the sites ``target`` matches other bitwidths; returns the keys of the sites changed.
+
+        ``target`` is, in this order of precedence:
+
+        * a site key (``"layer1.0.conv1.weight"``, ``"relu_2_output"``; see ``print(sim)``);
+        * an op type (``"Conv"``, ``"Gemm"``, ``"MatMul"``, ``"Softmax"``, ...): weight sites of
+          that op, and activation sites whose op is, or fuses, that type (``"Conv+Relu"``
+          matches ``"Conv"`` and ``"Relu"``; a shared encoding ``"A|B"`` matches both);
+        * a module path: that module's weight and the output quantizer of the op (or fused
+          group) it belongs to; a parent path (``"layer1"``) covers every module below it;
+        * a glob over module paths and site keys (``"layer1.*.conv?"``, ``"features.1[0-9].*"``).
+
+        ``param_bw`` applies to the matched weight sites, ``output_bw`` to the matched activation
+        sites (op outputs and model inputs). One site is one quantizer, so a shared encoding
+        (e.g. a concat's inputs and output in the ``tensorrt`` preset) always keeps one bitwidth;
+        an int32 bias keeps ``scale = input_scale * weight_scale`` with the new quantizers. The
+        replaced quantizers keep their symmetry, channel axis, ``learnable`` and ``enabled``
+        flags. Call it before building an optimizer (the new scale/offset are new parameters).
+
+        Before ``compute_encodings`` this is the normal use. After it, the changed sites drop
+        their encodings (a warning says so): run ``compute_encodings`` again before using the
+        sim, or it raises :class:`NotCalibratedError` naming the site. Unchanged sites keep theirs.
+
+        Errors (:class:`QuantConfigError`): a target that matches nothing (with the closest
+        names), a bitwidth ONNX cannot express (e.g. 6: only 4, 8 and 16), ``param_bw`` on a
+        target without weights, ``output_bw`` on a target without activation quantizers.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+        >>> sim = QuantSimModel(m, torch.randn(1, 3, 8, 8))
+        >>> sim.set_precision("Conv", param_bw=4)        # by op type: the conv's weight
+        ['0.weight']
+        >>> _ = sim.set_precision("3", output_bw=16)      # by module path: the linear's output
+        >>> [(s.kind, s.op, s.bitwidth) for s in sim.quantizer_sites()]
+        [('input', 'input', 8), ('param', 'Conv', 4), ('output', 'Conv+Relu', 8), ('param', 'Gemm', 8), ('output', 'Gemm', 16)]
+        """
+        if param_bw is None and output_bw is None:
+            raise QuantConfigError("set_precision needs param_bw and/or output_bw")
+        if param_bw is not None:
+            check_exportable_bitwidth("param_bw", param_bw)
+        if output_bw is not None:
+            check_exportable_bitwidth("output_bw", output_bw)
+        sites = self.match_sites(target)
+        params = [s for s in sites if s.kind == "param"]
+        acts = [s for s in sites if s.kind != "param"]
+        if param_bw is not None and not params:
+            raise QuantConfigError(f"param_bw: '{target}' matches no weight quantizer (it matches "
+                                   f"{', '.join(s.key for s in acts)}); give output_bw only")
+        if output_bw is not None and not acts:
+            raise QuantConfigError(f"output_bw: '{target}' matches no activation quantizer (it matches "
+                                   f"{', '.join(s.key for s in params)}); give param_bw only")
+        new = {s.key: param_bw for s in params if param_bw is not None}
+        new.update({s.key: output_bw for s in acts if output_bw is not None})
+        calibrated = {k for k in new if self._quantizers[k].is_initialized()}
+        changed = self.set_bitwidths(new)
+        dropped = [k for k in changed if k in calibrated]
+        if dropped:
+            warnings.warn(f"set_precision after compute_encodings: {len(dropped)} site(s) lost their encodings "
+                          f"({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}); run "
+                          "compute_encodings again before using the sim", stacklevel=2)
+        return changed
+
+    def set_bitwidths(self, bitwidths: dict[str, int]) -> list[str]:
+        """Set the bitwidth of each named site (site key -> bits), replacing its quantizer where
+        the bitwidth changes (the new one has no encoding); returns the changed keys in graph
+        order. The low-level form of :meth:`set_precision`, used by the mixed-precision search."""
+        unknown = [k for k in bitwidths if k not in self._quantizers]
+        if unknown:
+            raise QuantConfigError(f"unknown quantizer site '{unknown[0]}'." + did_you_mean(unknown[0], self._quantizers))
+        for key, bw in bitwidths.items():
+            check_exportable_bitwidth(f"bitwidth of '{key}'", bw)
+        changed = [s.key for s in self.plan.sites if s.key in bitwidths and bitwidths[s.key] != s.bitwidth]
+        if not changed:
+            return []
+        bias_users = {}
+        for s in self.plan.sites:
+            if s.module is not None and s.bias_from is not None:
+                bias_users.setdefault(s.bias_from, []).append(s.module)
+        for key in changed:
+            old, site = self._quantizers[key], self._site(key)
+            q = QuantizeDequantize(tuple(old.scale.shape), bitwidths[key], old.symmetric, old.axis,
+                                   old.learnable, name=old.name).to(old.scale.device)
+            q.enabled = old.enabled
+            q.train(old.training)
+            if site.module is not None:
+                self.model.get_submodule(site.module).param_quantizers["weight"] = q
+            else:
+                self.model.get_submodule("quantizers")[key] = q
+            for module in bias_users.get(key, []):  # the int32 bias grid reads the input's scale
+                self.model.get_submodule(module).set_bias_input_quantizer(q)
+            self._quantizers[key] = q
+        self.plan = dataclasses.replace(self.plan, sites=tuple(
+            dataclasses.replace(s, bitwidth=bitwidths[s.key]) if s.key in changed else s for s in self.plan.sites))
+        return changed
+
+    def match_sites(self, target: str) -> list[QuantizerSite]:
+        """The sites ``target`` names (see :meth:`set_precision`), in graph order; an error
+        naming the closest site keys, module paths and op types if it matches nothing."""
+        found = self._match(target)
+        if not found:
+            raise QuantConfigError(f"'{target}' matches no quantizer site, op type or module path."
+                                   + did_you_mean(target, self._target_names()))
+        return found
+
+    def _match(self, target: str) -> list[QuantizerSite]:
+        if not isinstance(target, str) or not target:
+            raise QuantConfigError(f"a precision target is a non-empty string, got {target!r}")
+        sites = self.plan.sites
+        if target in self._quantizers:
+            return [self._site(target)]
+        if target in OP_TYPES or any(s.op == target for s in sites):
+            return [s for s in sites if s.op == target or target in _member_ops(s.op)]
+        paths = self.site_module_paths()
+        if any(c in target for c in "*?["):
+            return [s for s in sites if any(fnmatch.fnmatchcase(p, target) for p in paths[s.key] | {s.key})]
+        return [s for s in sites if any(p == target or p.startswith(target + ".") for p in paths[s.key])]
+
+    def _target_names(self) -> set[str]:
+        names = set(self._quantizers) | {t for s in self.plan.sites for t in _member_ops(s.op)}
+        return names | {p for ps in self.site_module_paths().values() for p in ps}
+
+    def site_module_paths(self) -> dict[str, frozenset[str]]:
+        """Module paths behind each site key: a weight's layer; for an activation site, the
+        modules of its nodes and of the fused group (``Conv+BN+ReLU``) whose output it is."""
+        graph = getattr(self.model, "graph", None)
+        target_of = {n.name: str(n.target) for n in graph.nodes if n.op == "call_module"} if graph is not None else {}
+        groups = [set(g) for g in self.plan.groups]
+        out = {}
+        for s in self.plan.sites:
+            if s.module is not None:
+                out[s.key] = frozenset({s.module})
+                continue
+            names = set(s.nodes)
+            for g in groups:
+                if g & set(s.nodes):
+                    names |= g
+            paths = {target_of[n] for n in names if n in target_of and not target_of[n].startswith("quantizers.")}
+            if s.kind == "param":
+                paths.add(s.where)
+            out[s.key] = frozenset(paths)
+        return out
+
+    def _apply_config_precision(self) -> None:
+        """The runtime config's ``op_type.*.param_bitwidth/output_bitwidth`` and ``names`` rules."""
+        for rule in self.config.precision_rules():
+            sites = self._match(rule.target)
+            if not sites:
+                if rule.required:
+                    raise QuantConfigError(f"runtime config 'names.{rule.target}' matches no quantizer site, op "
+                                           "type or module path." + did_you_mean(rule.target, self._target_names()))
+                continue
+            new = {}
+            if rule.param_bitwidth is not None:
+                new.update({s.key: rule.param_bitwidth for s in sites if s.kind == "param"})
+            if rule.output_bitwidth is not None:
+                new.update({s.key: rule.output_bitwidth for s in sites if s.kind != "param"})
+            self.set_bitwidths(new)
 
     # ---- calibration ---------------------------------------------------------------------
     def compute_encodings(self, forward_pass_callback: Callable[[nn.Module, Any], Any],
@@ -175,10 +346,24 @@ class QuantSimModel:
         return format_sites(self.plan.sites, self._quantizers, header=(
             f"QuantSimModel: config '{self.config.name}', scheme '{self.quant_scheme}' "
             f"(weights '{self.param_quant_scheme}'), "
-            f"W{self.param_bw}A{self.output_bw}, {len(self.plan.sites)} quantizers, "
+            f"{self._bitwidth_summary()}, {len(self.plan.sites)} quantizers, "
             f"{len(self.plan.bn_folds)} BatchNorms folded"))
 
     __repr__ = __str__
+
+    def _bitwidth_summary(self) -> str:
+        """``W8A8``, or the mix with site counts: ``mixed W4 x12, W8 x3, A8 x20, A16 x2``."""
+        ws = sorted(s.bitwidth for s in self.plan.sites if s.kind == "param")
+        as_ = sorted(s.bitwidth for s in self.plan.sites if s.kind != "param")
+        if len(set(ws)) <= 1 and len(set(as_)) <= 1:
+            return f"W{ws[0] if ws else self.param_bw}A{as_[0] if as_ else self.output_bw}"
+        count = lambda p, v: [f"{p}{b} x{v.count(b)}" for b in sorted(set(v))]
+        return "mixed " + ", ".join(count("W", ws) + count("A", as_))
+
+
+def _member_ops(op: str) -> set[str]:
+    """Op types inside a site's op name: ``"Conv+Relu|Add"`` -> {Conv, Relu, Add}."""
+    return {t for part in op.split("|") for t in part.split("+")}
 
 
 def _fmt(values: torch.Tensor, fmt: str = "{:.4g}") -> str:

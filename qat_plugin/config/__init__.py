@@ -7,9 +7,10 @@ from importlib import resources
 from typing import Union
 
 from ..errors import QuantConfigError, did_you_mean
-from .schema import OpRule, ParamRule, RuntimeConfig
+from .schema import OpRule, ParamRule, PrecisionRule, RuntimeConfig, check_exportable_bitwidth
 
-__all__ = ["RuntimeConfig", "OpRule", "ParamRule", "load_config", "preset_names"]
+__all__ = ["RuntimeConfig", "OpRule", "ParamRule", "PrecisionRule", "check_exportable_bitwidth", "load_config",
+           "preset_names"]
 
 
 def preset_names() -> list[str]:

@@ -12,7 +12,10 @@ A config is JSON in the spirit of AIMET's quantsim config::
       },
       "params":  {"bias": {"is_quantized": false}},
       "op_type": {"Concat": {"shared_encoding": false},
-                  "Gemm": {"per_channel_quantization": true}},
+                  "Gemm": {"per_channel_quantization": true},
+                  "Softmax": {"output_bitwidth": 16}},
+      "names": {"features.0.*": {"param_bitwidth": 8},
+                "classifier.1": {"param_bitwidth": 8, "output_bitwidth": 16}},
       "supergroups": [{"op_list": ["Conv", "BatchNormalization", "Relu"]}],
       "model_input":  {"is_input_quantized": true},
       "model_output": {"is_output_quantized": true}
@@ -34,7 +37,18 @@ Fields (every one optional; booleans must be JSON booleans):
 ``op_type.<OpType>``
     ``is_output_quantized``, ``is_symmetric``, ``per_channel_quantization`` and
     ``shared_encoding`` (Concat: the inputs and the output share one encoding, so no
-    re-quantization happens at the concat).
+    re-quantization happens at the concat). ``param_bitwidth`` (ops with a weight: Conv,
+    ConvTranspose, Gemm) and ``output_bitwidth`` override ``default_param_bw`` /
+    ``default_output_bw`` for that op type, as ``sim.set_precision("<OpType>", ...)`` does: a
+    fused site (``Conv+Relu``) matches each of its member op types. A model without that op
+    type is not an error (a config serves many models).
+``names``
+    Per-layer bitwidths: ``{"<target>": {"param_bitwidth": 4, "output_bitwidth": 8}}`` where
+    ``<target>`` is a site key, a module path (its weight and its output quantizer; a parent
+    path covers its children) or a glob over module paths (``"layer1.*"``), as in
+    ``sim.set_precision``. Applied after the ``op_type`` bitwidths, in file order, so a name wins
+    over an op type; a name that matches nothing in the model is an error naming the closest.
+    Bitwidths must be ones ONNX QuantizeLinear can express: 4, 8 or 16.
 ``supergroups``
     Op chains the runtime fuses into one kernel: one output quantizer at the end, none
     inside. BatchNormalization after Conv/ConvTranspose/Gemm is always folded into it.
@@ -49,6 +63,28 @@ from typing import Any, Mapping, Optional
 
 from ..errors import QuantConfigError, did_you_mean
 from ..graph.patterns import OP_TYPES, WEIGHT_AXIS
+
+
+def check_exportable_bitwidth(name: str, value: Any) -> int:
+    """``value`` if ONNX QuantizeLinear can express a grid of that many bits, else
+    :class:`QuantConfigError` saying why (the reason comes from the exporter's opset table).
+
+    >>> check_exportable_bitwidth("param_bw", 4)
+    4
+    >>> check_exportable_bitwidth("param_bw", 6)
+    Traceback (most recent call last):
+    ...
+    qat_plugin.errors.QuantConfigError: param_bw=6 cannot be exported: ONNX QuantizeLinear has 4-bit (opset 21+), 8-bit (opset 13+), 16-bit (opset 21+) integer types only; use one of 4, 8, 16
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise QuantConfigError(f"{name} must be an int bitwidth, got {value!r}")
+    from ..export.onnx import MIN_OPSET  # the exporter owns which grids an opset can express
+
+    if value not in MIN_OPSET:
+        kinds = ", ".join(f"{b}-bit (opset {MIN_OPSET[b]}+)" for b in sorted(MIN_OPSET))
+        raise QuantConfigError(f"{name}={value} cannot be exported: ONNX QuantizeLinear has {kinds} integer "
+                               f"types only; use one of {', '.join(map(str, sorted(MIN_OPSET)))}")
+    return value
 
 
 def _check_keys(obj: Any, allowed: set[str], where: str) -> dict:
@@ -79,6 +115,19 @@ class OpRule:
     is_symmetric: Optional[bool] = None
     per_channel_quantization: Optional[bool] = None
     shared_encoding: bool = False
+    param_bitwidth: Optional[int] = None
+    output_bitwidth: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class PrecisionRule:
+    """Bitwidths for the sites one target matches (``None``: leave as they are)."""
+
+    target: str
+    param_bitwidth: Optional[int] = None
+    output_bitwidth: Optional[int] = None
+    #: a target that matches nothing is an error (names) or skipped (op types)
+    required: bool = True
 
 
 @dataclass(frozen=True)
@@ -106,6 +155,7 @@ class RuntimeConfig:
     supergroups: tuple[tuple[str, ...], ...] = ()
     model_input_quantized: bool = True
     model_output_quantized: bool = True
+    names: Mapping[str, PrecisionRule] = field(default_factory=lambda: _EMPTY)
 
     def __post_init__(self):
         for name in self.op_type:
@@ -124,6 +174,16 @@ class RuntimeConfig:
             if rule.per_channel_quantization is not None and name not in WEIGHT_AXIS:
                 raise QuantConfigError(f"'op_type.{name}.per_channel_quantization': {name} has no weight;"
                                        f" valid for {sorted(WEIGHT_AXIS)}")
+            if rule.param_bitwidth is not None and name not in WEIGHT_AXIS:
+                raise QuantConfigError(f"'op_type.{name}.param_bitwidth': {name} has no weight;"
+                                       f" valid for {sorted(WEIGHT_AXIS)}")
+            for key in ("param_bitwidth", "output_bitwidth"):
+                if getattr(rule, key) is not None:
+                    check_exportable_bitwidth(f"'op_type.{name}.{key}'", getattr(rule, key))
+        for name, rule in self.names.items():
+            for key in ("param_bitwidth", "output_bitwidth"):
+                if getattr(rule, key) is not None:
+                    check_exportable_bitwidth(f"'names.{name}.{key}'", getattr(rule, key))
 
     # ---- queries used by the planner -------------------------------------------------------
     def rule(self, op_type: str) -> OpRule:
@@ -154,11 +214,17 @@ class RuntimeConfig:
         rule = self.params.get(kind, ParamRule())
         return self.params_symmetric if rule.is_symmetric is None else rule.is_symmetric
 
+    def precision_rules(self) -> list[PrecisionRule]:
+        """The bitwidth overrides in the order they apply: op types (optional), then names."""
+        rules = [PrecisionRule(op, r.param_bitwidth, r.output_bitwidth, required=False)
+                 for op, r in self.op_type.items() if r.param_bitwidth is not None or r.output_bitwidth is not None]
+        return rules + list(self.names.values())
+
     # ---- parsing ---------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict) -> "RuntimeConfig":
         top = _check_keys(data, {"name", "description", "defaults", "params", "op_type", "supergroups",
-                                 "model_input", "model_output"}, "config")
+                                 "model_input", "model_output", "names"}, "config")
         defaults = _check_keys(top.get("defaults", {}), {"ops", "params", "per_channel_quantization"}, "defaults")
         dops = _check_keys(defaults.get("ops", {}), {"is_output_quantized", "is_symmetric"}, "defaults.ops")
         dpar = _check_keys(defaults.get("params", {}), {"is_quantized", "is_symmetric"}, "defaults.params")
@@ -176,11 +242,22 @@ class RuntimeConfig:
             if name not in OP_TYPES:
                 raise QuantConfigError(f"unknown op type '{where}'." + did_you_mean(name, OP_TYPES))
             body = _check_keys(body, {"is_output_quantized", "is_symmetric", "per_channel_quantization",
-                                      "shared_encoding"}, where)
+                                      "shared_encoding", "param_bitwidth", "output_bitwidth"}, where)
             op_rules[name] = OpRule(_bool(body, "is_output_quantized", where, None),
                                     _bool(body, "is_symmetric", where, None),
                                     _bool(body, "per_channel_quantization", where, None),
-                                    _bool(body, "shared_encoding", where, False))
+                                    _bool(body, "shared_encoding", where, False),
+                                    body.get("param_bitwidth"), body.get("output_bitwidth"))
+        names = top.get("names", {})
+        if not isinstance(names, dict):
+            raise QuantConfigError("'names' must be a JSON object mapping module paths, site keys or globs "
+                                   "to {\"param_bitwidth\": ..., \"output_bitwidth\": ...}")
+        name_rules = {}
+        for target, body in names.items():
+            body = _check_keys(body, {"param_bitwidth", "output_bitwidth"}, f"names.{target}")
+            if not body:
+                raise QuantConfigError(f"'names.{target}' sets nothing: give param_bitwidth and/or output_bitwidth")
+            name_rules[target] = PrecisionRule(target, body.get("param_bitwidth"), body.get("output_bitwidth"))
         groups = top.get("supergroups", [])
         if not isinstance(groups, list):
             raise QuantConfigError("'supergroups' must be a list of {\"op_list\": [...]} objects")
@@ -207,4 +284,5 @@ class RuntimeConfig:
             supergroups=tuple(supergroups),
             model_input_quantized=_bool(mi, "is_input_quantized", "model_input", True),
             model_output_quantized=_bool(mo, "is_output_quantized", "model_output", True),
+            names=MappingProxyType(name_rules),
         )

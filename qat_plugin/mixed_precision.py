@@ -1,0 +1,456 @@
+"""Automatic mixed-precision search: per layer group, pick one of several ``(param_bw, output_bw)``
+candidates so that a size / bitops budget or an accuracy target holds.
+
+    from qat_plugin.mixed_precision import choose_mixed_precision
+    result = choose_mixed_precision(sim, eval_callback, forward_pass_callback, [(4, 8), (8, 8)],
+                                    max_relative_size=0.6, results_dir="out/amp")
+    print(result)        # evaluations, chosen point, pareto front
+    sim.export(...)      # the sim is left with the chosen bitwidths, calibrated
+
+Definitions (both relative to every site at the highest candidate bitwidths):
+
+* **size**: ``sum over weight sites of (number of weights x param_bw)``, in bits.
+* **bitops**: ``sum over weighted layers of (MACs x param_bw x bitwidth of the layer's input
+  quantizer)``. MACs per sample come from the weight shape and the layer's output shape,
+  recorded with forward hooks during one ``forward_pass_callback`` run (functional weights
+  such as ``F.linear(x, self.w)`` count as 0 MACs). The input quantizer is the activation site
+  the layer reads (found in the graph); a layer with none counts the sim's ``default_output_bw``.
+
+The search (the algorithm, and its cost in evaluations ``eval_callback(sim.model)``):
+
+1. One calibration per candidate (every site at that candidate) fills an encoding cache.
+   One evaluation with every quantizer bypassed gives the FP32 score.
+2. Phase 1, sensitivity: for each layer group (see :func:`qat_plugin.analysis.layer_groups`)
+   and each of its lower options, the score with only that group quantized (one evaluation
+   each; groups whose options coincide, e.g. activation-only groups under W4A8/W8A8, cost
+   nothing). ``phase1="sqnr"`` ranks by the SQNR proxy instead (no evaluations): the rise in
+   the group's summed relative noise power ``10^(-SQNR/10)`` from its highest option.
+3. The moves "group g goes down to option o" are sorted by score drop per bit saved (size, or
+   bitops when only ``max_relative_bitops`` is given). Configuration ``k`` applies the first
+   ``k`` moves, so size and bitops fall with ``k``; the budgets give the smallest admissible
+   ``k`` without any evaluation. With ``allowed_accuracy_drop``, a binary search over ``k``
+   finds the largest ``k`` whose score stays within the drop of FP32 (``log2(moves)``
+   evaluations); without it the smallest admissible ``k`` is taken. ``curve_points`` more
+   evenly spaced configurations are scored for the pareto curve.
+4. The chosen bitwidths are set, the sim is calibrated again and scored once more.
+
+Total: ``2 + moves + O(log2(moves)) + curve_points + 1`` evaluations, against
+``sites x candidates`` for an exhaustive per-site pass.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .analysis import (EvalCallback, ForwardPassCallback, SensitivityResult, SensitivityRow, evaluate,
+                       figure_classes, layer_groups, quantize_only, site_sqnr)
+from .config import check_exportable_bitwidth
+from .errors import QuantConfigError
+
+PHASE1 = ("eval", "sqnr")
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    relative_size: float
+    relative_bitops: float
+    score: float
+    moves: int  # how many moves of the sorted list this configuration applies
+    bitwidths: dict = field(default_factory=dict, compare=False, repr=False)  # site key -> bits
+
+
+@dataclass
+class MixedPrecisionResult:
+    """What :func:`choose_mixed_precision` found. ``pareto_front``: the evaluated configurations
+    that no other evaluated one beats on both size and score, smallest first."""
+
+    pareto_front: list[ParetoPoint]
+    chosen: ParetoPoint
+    final_score: float  # the chosen bitwidths after a full re-calibration
+    fp32_score: float
+    evaluations: int
+    calibrations: int
+    points: list[ParetoPoint]  # every evaluated configuration
+    sensitivity: SensitivityResult
+    files: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        c = self.chosen
+        lines = [f"mixed precision: {self.evaluations} evaluations, {self.calibrations} calibrations; FP32 score "
+                 f"{self.fp32_score:.4g}",
+                 f"chosen: size {c.relative_size:.3f}, bitops {c.relative_bitops:.3f}, score {c.score:.4g} "
+                 f"(after re-calibration {self.final_score:.4g}), {c.moves} moves",
+                 "pareto front (relative size, relative bitops, score):"]
+        lines += [f"  {p.relative_size:.3f}  {p.relative_bitops:.3f}  {p.score:.4g}" for p in self.pareto_front]
+        return "\n".join(lines)
+
+
+# ---- cost model ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CostModel:
+    """Weights per weight site, MACs per sample and input site of each weighted layer."""
+
+    weights: dict  # weight site -> number of weights
+    macs: dict  # weight site -> MACs per sample
+    input_site: dict  # weight site -> activation site feeding the layer (None: unquantized input)
+    default_input_bw: int
+
+    def size(self, bits: dict) -> float:
+        return float(sum(n * bits[k] for k, n in self.weights.items()))
+
+    def bitops(self, bits: dict) -> float:
+        return float(sum(m * bits[k] * (bits[self.input_site[k]] if self.input_site[k] else self.default_input_bw)
+                         for k, m in self.macs.items()))
+
+
+def _input_site(sim, module_path: str) -> Optional[str]:
+    """The activation site feeding a weighted module, walking back over value-preserving nodes."""
+    graph = getattr(sim.model, "graph", None)
+    if graph is None:
+        return None
+    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == module_path), None)
+    for _ in range(32):
+        if node is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return None
+        node = node.args[0]
+        if node.op == "call_module" and str(node.target).startswith("quantizers."):
+            key = str(node.target)[len("quantizers."):]
+            return key if key in sim.quantizers() else None
+        if node.op in ("placeholder", "get_attr"):
+            return None
+    return None
+
+
+def cost_model(sim, forward_pass_callback: ForwardPassCallback, forward_pass_callback_args: Any = None) -> CostModel:
+    """Weight counts from the weights; MACs per sample from one forward pass with hooks on the
+    weighted layers (quantizers bypassed)."""
+    weights, macs, inputs = {}, {}, {}
+    hooks = []
+
+    def hook(key):
+        def fn(module, args, out):
+            if key in macs or not isinstance(out, torch.Tensor) or out.dim() == 0:
+                return
+            w = module.weight
+            if isinstance(module, nn.modules.conv._ConvTransposeNd):  # each input element feeds weight/in_channels outputs
+                x = args[0]
+                macs[key] = x[0].numel() * w.numel() // module.in_channels
+            else:  # each output element takes weight/out_channels products
+                out_ch = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+                macs[key] = out[0].numel() * w.numel() // out_ch
+        return fn
+
+    for s in sim.quantizer_sites():
+        if s.kind != "param":
+            continue
+        weights[s.key] = sim.weight_of(s.key).numel()
+        if s.module is not None:
+            inputs[s.key] = _input_site(sim, s.module)
+            hooks.append(sim.model.get_submodule(s.module).register_forward_hook(hook(s.key)))
+    try:
+        with quantize_only(sim, ()), torch.no_grad():
+            forward_pass_callback(sim.model, forward_pass_callback_args)
+    finally:
+        for h in hooks:
+            h.remove()
+    for k in weights:
+        macs.setdefault(k, 0)
+        inputs.setdefault(k, None)
+    return CostModel(weights, macs, inputs, sim.output_bw)
+
+
+# ---- search ------------------------------------------------------------------------------------
+def _check_candidates(candidates) -> list[tuple[int, int]]:
+    """Validated ``(param_bw, output_bw)`` pairs, lowest cost (``param_bw * output_bw``) first."""
+    pairs = []
+    for c in candidates:
+        if not isinstance(c, (tuple, list)) or len(c) != 2:
+            raise QuantConfigError(f"candidates are (param_bw, output_bw) pairs, got {c!r} in {candidates!r}")
+        pairs.append((check_exportable_bitwidth("candidate param_bw", c[0]),
+                      check_exportable_bitwidth("candidate output_bw", c[1])))
+    pairs = sorted(set(pairs), key=lambda c: (c[0] * c[1], c[0], c[1]))
+    if len(pairs) < 2:
+        raise QuantConfigError(f"give at least two different (param_bw, output_bw) candidates, got {candidates!r}")
+    return pairs
+
+
+def _options(group, sim, cands) -> list[dict]:
+    """The distinct bitwidth assignments the candidates give a group, highest cost last."""
+    seen, out = set(), []
+    for p, o in cands:
+        bits = {k: (p if sim.plan.site(k).kind == "param" else o) for k in group.sites}
+        key = tuple(sorted(bits.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(bits)
+    return out
+
+
+def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callback: ForwardPassCallback,
+                           candidates: Sequence[tuple[int, int]], *, allowed_accuracy_drop: Optional[float] = None,
+                           max_relative_size: Optional[float] = None, max_relative_bitops: Optional[float] = None,
+                           results_dir: Optional[str] = None, forward_pass_callback_args: Any = None,
+                           by: str = "layer", phase1: str = "eval", curve_points: int = 4,
+                           verbose: bool = True) -> MixedPrecisionResult:
+    """Choose a bitwidth candidate per layer group; leave ``sim`` configured and calibrated.
+
+    Args:
+        sim: a :class:`~qat_plugin.QuantSimModel`; every site is (re)assigned.
+        eval_callback: ``eval_callback(model) -> float``, higher is better.
+        forward_pass_callback: the callable ``compute_encodings`` takes (with
+            ``forward_pass_callback_args``).
+        candidates: ``(param_bw, output_bw)`` pairs, e.g. ``[(4, 8), (8, 8)]`` or
+            ``[(8, 8), (8, 16)]``; bitwidths ONNX can express (4, 8, 16).
+        allowed_accuracy_drop: keep the score at or above ``fp32_score - allowed_accuracy_drop``
+            while lowering as many groups as possible.
+        max_relative_size / max_relative_bitops: budgets relative to every site at the highest
+            candidate bitwidths (see the module docstring for the definitions).
+        results_dir: writes ``pareto.png``, ``mixed_precision.json`` (chosen per-site bitwidths,
+            every evaluated point, the pareto front) and the phase-1 sensitivity outputs.
+        by: ``"layer"`` (a weight and its layer's output quantizer choose together) or ``"site"``.
+        phase1: ``"eval"`` (one evaluation per group and lower option) or ``"sqnr"`` (rank by the
+            SQNR proxy, no evaluations).
+        curve_points: extra evenly spaced configurations scored for the pareto curve.
+
+    Give at least one of the three targets. With a budget and an accuracy drop, the budget
+    wins: if no admissible configuration meets the drop, the best admissible one is chosen
+    and a warning says so. A budget below what every group at its lowest option reaches
+    raises :class:`QuantConfigError` naming that smallest reachable value.
+    """
+    cands = _check_candidates(candidates)
+    if allowed_accuracy_drop is None and max_relative_size is None and max_relative_bitops is None:
+        raise QuantConfigError("give allowed_accuracy_drop, max_relative_size and/or max_relative_bitops")
+    for name, v in (("allowed_accuracy_drop", allowed_accuracy_drop), ("max_relative_size", max_relative_size),
+                    ("max_relative_bitops", max_relative_bitops)):
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or math.isnan(v)):
+            raise QuantConfigError(f"{name} must be a number >= 0, got {v!r}")
+    if phase1 not in PHASE1:
+        from .errors import did_you_mean
+        raise QuantConfigError(f"unknown phase1 '{phase1}'." + did_you_mean(phase1, PHASE1))
+    if curve_points < 0:
+        raise QuantConfigError(f"curve_points must be >= 0, got {curve_points}")
+
+    groups = layer_groups(sim, by)
+    keys = [s.key for s in sim.quantizer_sites()]
+    kinds = {s.key: s.kind for s in sim.quantizer_sites()}
+    top = {k: max(c[0] if kinds[k] == "param" else c[1] for c in cands) for k in keys}
+    low = {k: min(c[0] if kinds[k] == "param" else c[1] for c in cands) for k in keys}
+    counter = {"evals": 0, "calibrations": 0}
+
+    def score_of(bits: dict, only: Optional[Sequence[str]] = None) -> float:
+        _configure(sim, bits, cache)
+        counter["evals"] += 1
+        if only is None:
+            return evaluate(eval_callback, sim.model)
+        with quantize_only(sim, only):
+            return evaluate(eval_callback, sim.model)
+
+    # 1. encodings per candidate; FP32 score; the cost model.
+    cache: dict[tuple[str, int], Any] = {}
+    noise: dict[tuple[str, int], float] = {}  # relative noise power per (site, bits): phase1="sqnr"
+    for p, o in cands:
+        sim.set_bitwidths({k: (p if kinds[k] == "param" else o) for k in keys})
+        sim.compute_encodings(forward_pass_callback, forward_pass_callback_args)
+        counter["calibrations"] += 1
+        for k, q in sim.quantizers().items():
+            cache[(k, q.bitwidth)] = q.encoding
+        if phase1 == "sqnr":
+            for k, db in site_sqnr(sim, forward_pass_callback, forward_pass_callback_args).items():
+                noise[(k, sim.quantizers()[k].bitwidth)] = 10 ** (-db / 10) if math.isfinite(db) else 0.0
+    costs = cost_model(sim, forward_pass_callback, forward_pass_callback_args)
+    ref_size, ref_bitops = costs.size(top) or 1.0, costs.bitops(top) or 1.0
+    with quantize_only(sim, ()):
+        counter["evals"] += 1
+        fp32 = evaluate(eval_callback, sim.model)
+
+    # 2. phase 1: one score per (group, lower option).
+    metric = "bitops" if max_relative_bitops is not None and max_relative_size is None else "size"
+    moves, rows = [], []
+    for g in groups:
+        for bits in _options(g, sim, cands)[:-1]:
+            if phase1 == "eval":
+                score = score_of({**top, **bits}, only=g.sites)
+                drop = fp32 - score
+            else:
+                score = float("nan")
+                drop = sum(noise.get((k, b), 0.0) - noise.get((k, top[k]), 0.0) for k, b in bits.items())
+            trial = {**top, **bits}
+            saved_size = costs.size(top) - costs.size(trial)
+            saved_bitops = costs.bitops(top) - costs.bitops(trial)
+            saved = (saved_bitops / ref_bitops) if metric == "bitops" else (saved_size / ref_size)
+            if saved <= 0:
+                saved = 1e-3 * saved_bitops / ref_bitops if metric == "size" else 1e-3 * saved_size / ref_size
+            moves.append((g, bits, drop, saved))
+            rows.append(SensitivityRow(g.name, g.sites, _label(sim, bits), score, drop, float("nan")))
+    sens = SensitivityResult(fp32, rows, counter["evals"] - 1)
+    # least harm per share saved first; moves that save nothing go last
+    moves.sort(key=lambda m: (m[3] <= 0, (m[2] / m[3]) if m[3] > 0 else m[2]))
+
+    configs = [dict(top)]
+    for g, bits, _, _ in moves:
+        cur = dict(configs[-1])
+        if sum(bits.values()) < sum(cur[k] for k in bits):
+            cur.update(bits)
+        configs.append(cur)
+    rel_size = [costs.size(c) / ref_size for c in configs]
+    rel_bitops = [costs.bitops(c) / ref_bitops for c in configs]
+
+    # 3. budgets -> smallest admissible k; accuracy -> binary search.
+    k_lo = 0
+    for name, budget, rel, reach in (("max_relative_size", max_relative_size, rel_size, costs.size(low) / ref_size),
+                                     ("max_relative_bitops", max_relative_bitops, rel_bitops,
+                                      costs.bitops(low) / ref_bitops)):
+        if budget is None:
+            continue
+        ok = [k for k, r in enumerate(rel) if r <= budget + 1e-12]
+        if not ok:
+            smallest = min(rel)
+            raise QuantConfigError(
+                f"{name}={budget} cannot be reached with candidates {cands}: the smallest reachable is "
+                f"{smallest:.4f} (every group at its lowest candidate; all sites at the lowest bitwidths: "
+                f"{reach:.4f}); raise the budget or add a lower candidate")
+        k_lo = max(k_lo, ok[0])
+    scores: dict[int, float] = {}
+
+    def score_k(k: int) -> float:
+        if k not in scores:
+            scores[k] = score_of(configs[k])
+        return scores[k]
+
+    chosen_k = k_lo
+    if allowed_accuracy_drop is not None:
+        target = fp32 - allowed_accuracy_drop
+        if score_k(k_lo) < target:
+            msg = (f"no configuration within the budget keeps the score within {allowed_accuracy_drop} of FP32 "
+                   f"({fp32:.4g}): the best admissible scores {scores[k_lo]:.4g}")
+            if k_lo == 0:
+                msg = (f"even every site at the highest candidate scores {scores[0]:.4g}, more than "
+                       f"{allowed_accuracy_drop} below FP32 ({fp32:.4g})")
+            warnings.warn(msg + "; keeping the least compressed admissible configuration", stacklevel=2)
+        elif score_k(len(moves)) >= target:
+            chosen_k = len(moves)
+        else:
+            lo, hi = k_lo, len(moves)  # score(lo) >= target > score(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if score_k(mid) >= target else (lo, mid)
+            chosen_k = lo
+    else:
+        score_k(k_lo)
+    for i in range(curve_points):
+        score_k(round((i + 1) * len(moves) / (curve_points + 1)))
+    score_k(0)
+    score_k(len(moves))
+
+    points = [ParetoPoint(rel_size[k], rel_bitops[k], s, k, configs[k]) for k, s in sorted(scores.items())]
+    chosen = next(p for p in points if p.moves == chosen_k)
+    front = pareto_front(points, "relative_bitops" if metric == "bitops" else "relative_size")
+
+    # 4. the chosen configuration, calibrated for good.
+    sim.set_bitwidths(configs[chosen_k])
+    sim.compute_encodings(forward_pass_callback, forward_pass_callback_args)
+    counter["calibrations"] += 1
+    counter["evals"] += 1
+    final = evaluate(eval_callback, sim.model)
+    result = MixedPrecisionResult(front, chosen, final, fp32, counter["evals"], counter["calibrations"], points, sens)
+    if results_dir is not None:
+        os.makedirs(results_dir, exist_ok=True)
+        result.files["json"] = _write_json(result, os.path.join(results_dir, "mixed_precision.json"), cands,
+                                           dict(allowed_accuracy_drop=allowed_accuracy_drop,
+                                                max_relative_size=max_relative_size,
+                                                max_relative_bitops=max_relative_bitops), sim)
+        result.files["png"] = plot_pareto(result, os.path.join(results_dir, "pareto.png"),
+                                          budget_size=max_relative_size, budget_bitops=max_relative_bitops,
+                                          allowed_accuracy_drop=allowed_accuracy_drop)
+        result.files["sensitivity_csv"] = sens.to_csv(os.path.join(results_dir, "phase1_sensitivity.csv"))
+    if verbose:
+        print(result)
+    return result
+
+
+def _label(sim, bits: dict) -> str:
+    ws = sorted({b for k, b in bits.items() if sim.plan.site(k).kind == "param"})
+    as_ = sorted({b for k, b in bits.items() if sim.plan.site(k).kind != "param"})
+    return " ".join((["W" + "/".join(map(str, ws))] if ws else []) + (["A" + "/".join(map(str, as_))] if as_ else []))
+
+
+def _configure(sim, bits: dict, cache: dict) -> None:
+    """Set bitwidths and load the cached encodings of those bitwidths."""
+    sim.set_bitwidths(bits)
+    for k, q in sim.quantizers().items():
+        enc = cache.get((k, q.bitwidth))
+        if enc is not None:
+            q.set_encoding(enc)
+
+
+def pareto_front(points: Sequence[ParetoPoint], cost: str = "relative_size") -> list[ParetoPoint]:
+    """The points no other point beats on both ``cost`` (lower) and score (higher), by cost.
+
+    >>> pts = [ParetoPoint(1.0, 1.0, 0.9, 0), ParetoPoint(0.5, 0.5, 0.8, 1), ParetoPoint(0.6, 0.6, 0.7, 2)]
+    >>> [p.moves for p in pareto_front(pts)]
+    [1, 0]
+    """
+    out, best = [], -math.inf
+    for p in sorted(points, key=lambda p: (getattr(p, cost), -p.score)):
+        if p.score > best:
+            out.append(p)
+            best = p.score
+    return out
+
+
+def _write_json(result: MixedPrecisionResult, path: str, cands, targets: dict, sim) -> str:
+    point = lambda p: {k: v for k, v in asdict(p).items() if k != "bitwidths"}
+    data = {
+        "candidates": [list(c) for c in cands], "targets": targets, "fp32_score": result.fp32_score,
+        "evaluations": result.evaluations, "calibrations": result.calibrations,
+        "chosen": {**point(result.chosen), "final_score": result.final_score},
+        "bitwidths": {s.key: s.bitwidth for s in sim.quantizer_sites()},
+        "pareto_front": [point(p) for p in result.pareto_front],
+        "points": [point(p) for p in result.points],
+        "phase1": [{"group": r.group, "bits": r.bitwidths, "drop": r.drop} for r in result.sensitivity.rows],
+    }
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    return path
+
+
+def plot_pareto(result: MixedPrecisionResult, path: str, *, budget_size: Optional[float] = None,
+                budget_bitops: Optional[float] = None, allowed_accuracy_drop: Optional[float] = None,
+                title: str = "Mixed-precision search") -> str:
+    """PNG: score against relative size (left) and relative bitops (right); every evaluated
+    configuration, the pareto front, the chosen point, FP32 and the budgets."""
+    Figure, FigureCanvasAgg = figure_classes()
+    fig = Figure(figsize=(10, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, attr, budget, label in ((axes[0], "relative_size", budget_size, "weight size relative to all-highest"),
+                                    (axes[1], "relative_bitops", budget_bitops, "bitops relative to all-highest")):
+        pts = sorted(result.points, key=lambda p: getattr(p, attr))
+        front = pareto_front(result.points, attr)
+        ax.scatter([getattr(p, attr) for p in pts], [p.score for p in pts], color="#999999", s=18,
+                   label="evaluated", zorder=2)
+        ax.plot([getattr(p, attr) for p in front], [p.score for p in front], "-o", color="#4f81bd", ms=4,
+                label="pareto front", zorder=3)
+        ax.scatter([getattr(result.chosen, attr)], [result.chosen.score], marker="*", s=180, color="#c0504d",
+                   label=f"chosen ({result.final_score:.4g} recalibrated)", zorder=4)
+        ax.axhline(result.fp32_score, color="black", lw=0.8, ls="--", label="FP32")
+        if allowed_accuracy_drop is not None:
+            ax.axhline(result.fp32_score - allowed_accuracy_drop, color="#c0504d", lw=0.8, ls=":",
+                       label="FP32 - allowed drop")
+        if budget is not None:
+            ax.axvline(budget, color="#9bbb59", lw=1.0, ls="-.", label="budget")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{title}: {result.evaluations} evaluations")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
