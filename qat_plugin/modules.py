@@ -173,25 +173,45 @@ class QuantizedLinear(_QuantizedWeights, nn.Linear):
         return self._quantized_forward(x)
 
 
+class QuantizedEmbedding(_QuantizedWeights, nn.Embedding):
+    """An embedding table quantized per row (weight-only: the rows it returns are the table's
+    integers times their scales, and the consumer re-quantizes)."""
+
+    bias = None
+
+    def _apply_layer(self, x, w, b):
+        return F.embedding(x, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse)
+
+    def forward(self, x):
+        return self._quantized_forward(x)
+
+
 QUANTIZED = {
     nn.Conv1d: QuantizedConv1d, nn.Conv2d: QuantizedConv2d, nn.Conv3d: QuantizedConv3d,
     nn.ConvTranspose1d: QuantizedConvTranspose1d, nn.ConvTranspose2d: QuantizedConvTranspose2d,
-    nn.ConvTranspose3d: QuantizedConvTranspose3d, nn.Linear: QuantizedLinear,
+    nn.ConvTranspose3d: QuantizedConvTranspose3d, nn.Linear: QuantizedLinear, nn.Embedding: QuantizedEmbedding,
 }
 
 
 def quantize_module(mod: nn.Module, weight_quantizer: QuantizeDequantize) -> nn.Module:
     """The quantized twin of ``mod``, sharing its parameters, in ``mod``'s train/eval mode."""
     cls = QUANTIZED.get(type(mod))
+    if cls is None and isinstance(mod, nn.Linear) and type(mod).forward is nn.Linear.forward:
+        cls = QuantizedLinear  # e.g. nn.MultiheadAttention's out_proj (NonDynamicallyQuantizableLinear)
     if cls is None:
         raise TypeError(f"no quantized version of {type(mod).__name__}; supported: "
                         f"{', '.join(c.__name__ for c in QUANTIZED)}")
     if isinstance(mod, nn.Linear):
         new = cls(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+    elif isinstance(mod, nn.Embedding):
+        new = cls(mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx, max_norm=mod.max_norm,
+                  norm_type=mod.norm_type, scale_grad_by_freq=mod.scale_grad_by_freq, sparse=mod.sparse,
+                  device="meta")
     else:
         new = cls(**_conv_kwargs(mod), device="meta")
     new.weight = mod.weight
-    new.bias = mod.bias
+    if not isinstance(mod, nn.Embedding):
+        new.bias = mod.bias
     new._attach(weight_quantizer.to(mod.weight.device))
     new.train(mod.training)
     return new

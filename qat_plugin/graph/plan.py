@@ -12,7 +12,7 @@ from typing import Optional
 from torch import fx, nn
 
 from ..config import RuntimeConfig
-from .patterns import FUNCTIONAL_WEIGHT_ARG, VALUE_PRESERVING, WEIGHT_AXIS, describe, op_type_of
+from .patterns import FUNCTIONAL_WEIGHT_ARG, MASKING, VALUE_PRESERVING, WEIGHT_AXIS, describe, op_type_of
 
 
 @dataclass(frozen=True)
@@ -101,48 +101,78 @@ class _UnionFind:
 
 def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, output_bw: int = 8,
               leaf_names: frozenset[str] = frozenset()) -> QuantPlan:
-    """Decide every quantizer site of ``gm`` (captured, with shapes propagated)."""
-    modules = dict(gm.named_modules())
-    nodes = list(gm.graph.nodes)
-    types = {n: op_type_of(n, modules, leaf_names) for n in nodes}
-    calls = Counter(n.target for n in nodes if n.op == "call_module")
+    """Decide every quantizer site of ``gm`` (captured, with shapes propagated).
 
-    # 1. BatchNorm folding: a weighted module whose only user is a BatchNorm it feeds.
+    The passes, each a pure function of the graph and what the passes before it found:
+    :func:`fold_batch_norms`, :func:`match_supergroups`, :func:`value_origins`,
+    :func:`place_sites`, :func:`drop_model_outputs`, :func:`share_encodings`,
+    :func:`bias_sources`.
+    """
+    g = _PlanGraph(gm, leaf_names)
+    folds = fold_batch_norms(g)
+    group_of, groups = match_supergroups(g, config, folds)
+    origins = value_origins(g)
+    walk = place_sites(g, config, folds, group_of, origins, param_bw=param_bw, output_bw=output_bw)
+    sites = drop_model_outputs(g, config, walk.sites, walk.source, folds)
+    merged = share_encodings(sites, walk.uf)
+    merged = bias_sources(g, config, merged, walk, folds)
+    index = {n.name: i for i, n in enumerate(g.nodes)}
+    module_index = {n.target: i for i, n in reversed(list(enumerate(g.nodes))) if n.op == "call_module"}
+    ordered = sorted(merged.values(), key=lambda s: _order(s, index, module_index))
+    kept = tuple((n, walk.uf.find(k)) for n, k in walk.passthrough if walk.uf.find(k) in merged)
+    return QuantPlan(tuple(ordered), tuple((c.name, b.name) for c, b in folds.items()),
+                     tuple(tuple(x.name for x in grp) for grp in groups), tuple(walk.unsupported), kept)
+
+
+class _PlanGraph:
+    """What every pass reads: the nodes in order, their op types and the module table."""
+
+    def __init__(self, gm: fx.GraphModule, leaf_names: frozenset[str]):
+        self.modules = dict(gm.named_modules())
+        self.nodes = list(gm.graph.nodes)
+        self.types = {n: op_type_of(n, self.modules, leaf_names) for n in self.nodes}
+        self.calls = Counter(n.target for n in self.nodes if n.op == "call_module")
+
+
+def fold_batch_norms(g: _PlanGraph) -> dict[fx.Node, fx.Node]:
+    """Pass 1: ``{weighted node: BatchNorm node}`` for every BatchNorm folded into its layer.
+
+    A Conv / ConvTranspose / Linear module folds the BatchNorm it feeds when that BatchNorm is
+    its only user, both modules are called once, the BN has running statistics and its channel
+    count matches the layer's outputs. Otherwise both stay (the BN is an op of its own)."""
     folds: dict[fx.Node, fx.Node] = {}
-    for n in nodes:
-        if n.op != "call_module" or types[n] not in WEIGHT_AXIS or len(n.users) != 1:
+    for n in g.nodes:
+        if n.op != "call_module" or g.types[n] not in WEIGHT_AXIS or g.types[n] == "Gather" or len(n.users) != 1:
             continue
         (u,) = n.users
-        if types[u] != "BatchNormalization" or u.op != "call_module" or u.args[0] is not n:
+        if g.types[u] != "BatchNormalization" or u.op != "call_module" or u.args[0] is not n:
             continue
-        bn = modules[u.target]
-        if calls[n.target] == 1 and calls[u.target] == 1 and bn.running_mean is not None \
-                and bn.num_features == _out_channels(modules[n.target]):
+        bn = g.modules[u.target]
+        if g.calls[n.target] == 1 and g.calls[u.target] == 1 and bn.running_mean is not None \
+                and bn.num_features == _out_channels(g.modules[n.target]):
             folds[n] = u
+    return folds
+
+
+def match_supergroups(g: _PlanGraph, config: RuntimeConfig, folds: dict[fx.Node, fx.Node]):
+    """Pass 2: the config's supergroups matched along single-user chains, longest pattern first,
+    in graph order. Returns ``({node: its group}, [groups])``; a folded pair outside any pattern
+    is a group of its own."""
     folded_bn = set(folds.values())
-    conv_of = {b: c for c, b in folds.items()}
-
-    def value_node(n: fx.Node) -> fx.Node:
-        """The node that holds ``n``'s value once BatchNorms are folded."""
-        return conv_of.get(n, n)
-
-    def tail(n: fx.Node) -> fx.Node:
-        return folds.get(n, n)
-
-    # 2. Supergroups: longest pattern first, along single-user chains, in graph order.
-    patterns = sorted({_normalize(g) for g in config.supergroups if len(_normalize(g)) > 1}, key=len, reverse=True)
+    tail = lambda n: folds.get(n, n)  # noqa: E731
+    patterns = sorted({_normalize(p) for p in config.supergroups if len(_normalize(p)) > 1}, key=len, reverse=True)
     group_of: dict[fx.Node, tuple[fx.Node, ...]] = {}
     groups = []
-    for n in nodes:
-        if n in group_of or n in folded_bn or types[n] is None:
+    for n in g.nodes:
+        if n in group_of or n in folded_bn or g.types[n] is None:
             continue
         for pat in patterns:
-            if types[n] != pat[0]:
+            if g.types[n] != pat[0]:
                 continue
             chain, cur = [n], n
             for t in pat[1:]:
                 users = list(tail(cur).users)
-                if len(users) != 1 or types.get(users[0]) != t or users[0] in group_of:
+                if len(users) != 1 or g.types.get(users[0]) != t or users[0] in group_of:
                     break
                 cur = users[0]
                 chain.append(cur)
@@ -152,26 +182,70 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
                     group_of[x] = full
                 groups.append(full)
                 break
-    for conv, bn in folds.items():  # a folded pair outside any pattern is a group of its own
+    for conv, bn in folds.items():
         if conv not in group_of:
             group_of[conv] = group_of[bn] = (conv, bn)
+    return group_of, groups
 
-    # 3. Walk the graph in order, deciding sites and tracking which site encodes each value.
-    sites: dict[str, QuantizerSite] = {}
-    source: dict[fx.Node, Optional[str]] = {}
-    uf = _UnionFind()
-    unsupported: list[str] = []
 
-    def add(site: QuantizerSite) -> str:
-        sites[site.key] = site
-        return site.key
+#: where a value comes from: the model's (float) data, a mask or ids (non-float inputs and what is
+#: computed from them without a weighted op), or constants (parameters, buffers, literals)
+ACTIVATION, MASK, CONSTANT = "activation", "mask", "constant"
+
+
+def value_origins(g: _PlanGraph) -> dict[fx.Node, str]:
+    """Pass 3: the origin of every node's value. A float value of ``MASK`` origin (an additive
+    attention mask made from an int mask) is never quantized: its -inf / finfo.min entries would
+    wreck any grid; an op that adds it to an activation hands the sum on in float."""
+    origin: dict[fx.Node, str] = {}
+    for n in g.nodes:
+        if n.op == "placeholder":
+            origin[n] = ACTIVATION if n.meta.get("qat_kind") in ("float", "float_seq") else MASK
+        elif n.op == "get_attr":
+            origin[n] = CONSTANT
+        elif g.types[n] in WEIGHT_AXIS:
+            origin[n] = ACTIVATION  # a weighted op's output is data (an embedding of ids too)
+        else:
+            ins = [origin.get(a, CONSTANT) for a in _tensor_inputs(n)]
+            origin[n] = ACTIVATION if ACTIVATION in ins else MASK if MASK in ins else CONSTANT
+    return origin
+
+
+@dataclass
+class _Walk:
+    sites: dict[str, QuantizerSite]
+    source: dict[fx.Node, Optional[str]]  # which site's encoding a node's value is on
+    uf: "_UnionFind"
+    unsupported: list[str]
+    passthrough: list[tuple[str, str]]
+
+
+def _is_masking(n: fx.Node, t: Optional[str], g: _PlanGraph, origins: dict[fx.Node, str]) -> bool:
+    """``masked_fill`` / ``where``, or an Add / Sub / Mul of an activation and a float mask."""
+    if t in MASKING:
+        return True
+    if t not in ("Add", "Sub", "Mul"):
+        return False
+    ins = [a for a in _tensor_inputs(n) if a.meta.get("qat_kind") == "float"]
+    return any(origins.get(a) == MASK for a in ins) and any(origins.get(a) == ACTIVATION for a in ins)
+
+
+def place_sites(g: _PlanGraph, config: RuntimeConfig, folds: dict[fx.Node, fx.Node],
+                group_of: dict[fx.Node, tuple[fx.Node, ...]], origins: dict[fx.Node, str], *,
+                param_bw: int, output_bw: int) -> _Walk:
+    """Pass 4: walk the graph in order, deciding the sites and which site encodes each value."""
+    types, nodes = g.types, g.nodes
+    folded_bn = set(folds.values())
+    conv_of = {b: c for c, b in folds.items()}
+    walk = _Walk({}, {}, _UnionFind(), [], [])
+    sites, source, uf = walk.sites, walk.source, walk.uf
 
     def act_site(key, kind, node, op, where, op_type, consumers=None) -> str:
-        return add(QuantizerSite(key, kind, (node.name,), op, where, output_bw,
-                                 config.is_activation_symmetric(op_type), consumers=consumers))
+        sites[key] = QuantizerSite(key, kind, (node.name,), op, where, output_bw,
+                                   config.is_activation_symmetric(op_type), consumers=consumers)
+        return key
 
     float_region: set[fx.Node] = set()
-    passthrough: list[tuple[str, str]] = []
 
     def float_site(n: fx.Node, kind: str) -> None:
         """``n`` holds a float value (an unknown op's output, or moved from one): quantize it
@@ -182,12 +256,6 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
                           and types[u] not in VALUE_PRESERVING)
         if consumers and kind == "float":
             act_site(f"{n.name}_float_output", "input", n, "(float op)", describe(n), None, consumers)
-
-    def data_source(n: fx.Node) -> Optional[str]:
-        for a in _tensor_inputs(n):
-            if a.op != "get_attr" and a in source:
-                return source[a]
-        return None
 
     for n in nodes:
         kind = n.meta.get("qat_kind")
@@ -201,24 +269,24 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
         t = types[n]
         group = group_of.get(n)
         if t in WEIGHT_AXIS:
-            _param_site(n, t, modules, config, param_bw, sites)
-        if kind not in ("float", "float_seq"):
-            source[n] = None
+            _param_site(n, t, g.modules, config, param_bw, sites)
+        if kind not in ("float", "float_seq") or origins[n] == MASK or _is_masking(n, t, g, origins):
+            source[n] = None  # not data, or data with a mask in it: never quantized
             continue
         if group is not None and n is not group[-1]:
             source[n] = None  # inside a fused group: the runtime never materializes it
             continue
         if t is None:
-            unsupported.append(f"{describe(n)} ({n.op} '{n.name}')")
+            walk.unsupported.append(f"{describe(n)} ({n.op} '{n.name}')")
             float_site(n, kind)
             continue
         head = group[0] if group else n
         op_name = "+".join(types[x] for x in group) if group else t
         eff_type = types[head] if group and n in folded_bn else t
         if eff_type in VALUE_PRESERVING and not config.is_output_quantized(eff_type):
-            source[n] = data_source(n)
+            source[n] = _data_source(n, source)
             if source[n] is not None and kind == "float":
-                passthrough.append((n.name, source[n]))
+                walk.passthrough.append((n.name, source[n]))
             if source[n] is None and any(a in float_region for a in _tensor_inputs(n)):
                 float_site(n, kind)
             continue
@@ -233,23 +301,43 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
             source[n] = None
             continue
         where = describe(head) if head is n else f"{describe(head)} .. {describe(n)}"
-        v = value_node(n)
+        v = conv_of.get(n, n)
         source[n] = act_site(f"{v.name}_output", "output", v, op_name, where, eff_type)
+    return walk
 
-    # 4. Model outputs the config wants in float keep no quantizer.
-    if not config.model_output_quantized:
-        out_node = next(n for n in nodes if n.op == "output")
-        for a in _tensor_inputs(out_node):
-            key = source.get(a)
-            site = sites.get(key) if key else None
-            if site is not None and site.kind == "output" and site.nodes == (value_node(a).name,):
-                others = tuple(u.name for u in a.users if u is not out_node)
-                if others:
-                    sites[key] = replace(site, consumers=others)
-                else:
-                    del sites[key]
 
-    # 5. Shared encodings: merge union-find groups into their root site.
+def _data_source(n: fx.Node, source: dict[fx.Node, Optional[str]]) -> Optional[str]:
+    """The site whose encoding ``n``'s data input is on (parameters are not data)."""
+    for a in _tensor_inputs(n):
+        if a.op != "get_attr" and a in source:
+            return source[a]
+    return None
+
+
+def drop_model_outputs(g: _PlanGraph, config: RuntimeConfig, sites: dict[str, QuantizerSite],
+                       source: dict[fx.Node, Optional[str]], folds: dict[fx.Node, fx.Node]) -> dict[str, QuantizerSite]:
+    """Pass 5: without ``model_output.is_output_quantized``, a site on a model output keeps only
+    its other consumers (or goes)."""
+    sites = dict(sites)
+    if config.model_output_quantized:
+        return sites
+    conv_of = {b: c for c, b in folds.items()}
+    out_node = next(n for n in g.nodes if n.op == "output")
+    for a in _tensor_inputs(out_node):
+        key = source.get(a)
+        site = sites.get(key) if key else None
+        if site is not None and site.kind == "output" and site.nodes == (conv_of.get(a, a).name,):
+            others = tuple(u.name for u in a.users if u is not out_node)
+            if others:
+                sites[key] = replace(site, consumers=others)
+            else:
+                del sites[key]
+    return sites
+
+
+def share_encodings(sites: dict[str, QuantizerSite], uf: "_UnionFind") -> dict[str, QuantizerSite]:
+    """Pass 6: sites joined by a shared encoding (e.g. Concat in TensorRT) become one site (the
+    union-find root) quantizing all their nodes."""
     merged: dict[str, QuantizerSite] = {}
     for key, site in sites.items():
         root = uf.find(key) if site.kind != "param" else key
@@ -258,21 +346,25 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
         else:
             base = merged.get(root, sites[root])
             merged[root] = replace(base, nodes=base.nodes + site.nodes, op=base.op + "|" + site.op)
-    # int32 bias grid: input scale x weight scale; the input's site is the data source of the op.
-    if config.param_quantized("bias"):
-        for n in nodes:
-            if types[n] in WEIGHT_AXIS and n.op == "call_module" and getattr(modules[n.target], "bias", None) is not None \
-                    or n in folds:
-                key = f"{n.target}.weight"
-                src = data_source(n)
-                if key in merged and src is not None and src in sites and merged.get(uf.find(src)):
-                    merged[key] = replace(merged[key], bias_from=uf.find(src))
-    index = {n.name: i for i, n in enumerate(nodes)}
-    module_index = {n.target: i for i, n in reversed(list(enumerate(nodes))) if n.op == "call_module"}
-    ordered = sorted(merged.values(), key=lambda s: _order(s, index, module_index))
-    kept = tuple((n, uf.find(k)) for n, k in passthrough if uf.find(k) in merged)
-    return QuantPlan(tuple(ordered), tuple((c.name, b.name) for c, b in folds.items()),
-                     tuple(tuple(x.name for x in g) for g in groups), tuple(unsupported), kept)
+    return merged
+
+
+def bias_sources(g: _PlanGraph, config: RuntimeConfig, merged: dict[str, QuantizerSite], walk: _Walk,
+                 folds: dict[fx.Node, fx.Node]) -> dict[str, QuantizerSite]:
+    """Pass 7: with ``params.bias.is_quantized``, each weighted module's bias is int32 on
+    ``scale = input_scale x weight_scale``; the input's site is the op's data source."""
+    if not config.param_quantized("bias"):
+        return merged
+    merged = dict(merged)
+    for n in g.nodes:
+        weighted = g.types[n] in WEIGHT_AXIS and n.op == "call_module" and \
+            getattr(g.modules[n.target], "bias", None) is not None
+        if weighted or n in folds:
+            key = f"{n.target}.weight"
+            src = _data_source(n, walk.source)
+            if key in merged and src is not None and src in walk.sites and merged.get(walk.uf.find(src)):
+                merged[key] = replace(merged[key], bias_from=walk.uf.find(src))
+    return merged
 
 
 def _order(site: QuantizerSite, index: dict[str, int], module_index: dict[str, int]) -> tuple[int, int]:

@@ -1,13 +1,21 @@
 """Graph capture: one replaceable function from an ``nn.Module`` to a torch.fx GraphModule.
 
-Everything after capture reads only the graph. Leaf modules are black boxes: they are not
-traced into, and get quantized inputs and outputs like any other op.
+Everything after capture reads only the graph. Two tracers sit behind :func:`capture`:
+
+* ``torch.fx.symbolic_trace`` (``method="fx"``): torch-level ops, leaf modules as black boxes
+  with quantized inputs and outputs;
+* ``torch.export`` (``method="export"``, :mod:`qat_plugin.graph.export_trace`): ATen-level ops
+  with module calls given back, for models fx cannot trace (shape-dependent Python, Hugging Face
+  transformers) and for attention that fx would keep as an opaque ``nn.MultiheadAttention``.
+
+``method="auto"`` (the default) uses fx when it traces the model and leaves no opaque torch
+module with parameters behind, and torch.export otherwise.
 """
 from __future__ import annotations
 
 import linecache
 import sys
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import fx, nn
@@ -67,9 +75,52 @@ def _offending_frame(model: nn.Module, tb) -> tuple[str, str]:
     return found
 
 
-def capture(model: nn.Module, leaf_modules: Sequence[LeafSpec] = ()) -> fx.GraphModule:
-    """Trace ``model`` with torch.fx. Failures become :class:`UnsupportedModelError` that name
-    the module, the offending line, and the ``leaf_modules=`` way out."""
+CAPTURE_METHODS = ("auto", "fx", "export")
+
+
+def capture(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (), *, example_args: Optional[tuple] = None,
+            method: str = "auto") -> fx.GraphModule:
+    """Capture ``model`` as a GraphModule whose submodules are ``model``'s own.
+
+    ``method``: ``"fx"``, ``"export"`` (needs ``example_args``) or ``"auto"``: fx when it traces
+    and leaves no opaque module with parameters (e.g. ``nn.MultiheadAttention``), else
+    torch.export. ``leaf_modules`` apply to fx only. Failures become
+    :class:`UnsupportedModelError` naming the module, the source line and the way out.
+    """
+    if method not in CAPTURE_METHODS:
+        from ..errors import QuantConfigError, did_you_mean
+        raise QuantConfigError(f"unknown capture method '{method}'." + did_you_mean(method, CAPTURE_METHODS))
+    if method == "export" or (method == "auto" and example_args is not None):
+        if method == "auto":
+            try:
+                gm = _fx_capture(model, leaf_modules)
+            except UnsupportedModelError:
+                if leaf_modules:
+                    raise
+                gm = None
+            if gm is not None and not opaque_modules(gm, leaf_names_of(model, leaf_modules)):
+                return gm
+        if example_args is None:
+            raise ValueError("capture(method='export') needs example_args")
+        if leaf_modules:
+            raise UnsupportedModelError("leaf_modules= is a torch.fx option; torch.export capture traces every "
+                                        "module (pass method='fx' to keep black boxes)")
+        from .export_trace import capture_with_export
+        return capture_with_export(model, tuple(example_args))
+    return _fx_capture(model, leaf_modules)
+
+
+def opaque_modules(gm: fx.GraphModule, leaf_names: frozenset[str] = frozenset()) -> list[str]:
+    """Modules fx kept as black boxes that hold parameters the planner cannot see into (e.g.
+    ``nn.MultiheadAttention``), other than the user's own ``leaf_modules``."""
+    from .patterns import op_type_of
+
+    modules = dict(gm.named_modules())
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_module" and n.target not in leaf_names
+            and op_type_of(n, modules) is None and any(True for _ in modules[n.target].parameters())]
+
+
+def _fx_capture(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> fx.GraphModule:
     names, types = split_leaf_modules(model, leaf_modules)
     tracer = _Tracer(names, types)
     try:
