@@ -15,6 +15,11 @@ Layout (what AIMET writes and its tools read)::
 sign (``-zero_point`` for asymmetric grids, ``-2**(b-1)`` for symmetric ones). Version 0.6.1 has
 no per-channel axis: lists longer than one are per output channel (axis 0, or 1 for
 ConvTranspose weights); this package also writes ``"qat_plugin_axes"`` with the exact axis.
+
+Every entry carries its own ``bitwidth``, so a mixed-precision file (int4 / int8 / int16) needs
+nothing more; ``"qat_plugin_bitwidths"`` summarizes the mix: how many activation and param
+tensors the file holds at each bitwidth (``{"activation": {"8": 60, "16": 2}, "param": {"4": 40,
+"8": 13}}``; :func:`bitwidth_mix`).
 """
 from __future__ import annotations
 
@@ -42,6 +47,20 @@ def _entries(enc: Encoding) -> list[dict]:
              "min": e["min"], "offset": e["offset"], "scale": e["scale"]} for e in enc.to_json()]
 
 
+def bitwidth_mix(activation: dict[str, Encoding], params: dict[str, Encoding]) -> dict[str, dict[str, int]]:
+    """Tensors per bitwidth, by kind: ``{"activation": {"8": 5, "16": 1}, "param": {"4": 2}}``.
+
+    >>> import torch
+    >>> e = lambda b: Encoding(torch.tensor(0.1, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64), b, False)
+    >>> bitwidth_mix({"x": e(8), "y": e(16), "z": e(8)}, {"w": e(4)})
+    {'activation': {'8': 2, '16': 1}, 'param': {'4': 1}}
+    """
+    def count(encs):
+        bws = [e.bitwidth for e in encs.values()]
+        return {str(b): bws.count(b) for b in sorted(set(bws))}
+    return {"activation": count(activation), "param": count(params)}
+
+
 def write_encodings(path: str | os.PathLike, activation: dict[str, Encoding], params: dict[str, Encoding],
                     quantizer_args: Optional[dict] = None) -> None:
     data = {
@@ -51,6 +70,7 @@ def write_encodings(path: str | os.PathLike, activation: dict[str, Encoding], pa
         "excluded_layers": [],
         "quantizer_args": quantizer_args or {},
         "qat_plugin_axes": {k: v.axis for k, v in {**activation, **params}.items() if v.axis is not None},
+        "qat_plugin_bitwidths": bitwidth_mix(activation, params),
     }
     with open(path, "w") as f:
         json.dump(data, f, indent=1)

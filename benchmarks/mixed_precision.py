@@ -1,0 +1,152 @@
+"""Mixed-precision search on digits: W4A8/W8A8 per layer at <= 0.6 of the all-8-bit weight size.
+
+    python benchmarks/mixed_precision.py [--epochs 8] [--models mobilenet_v2 resnet18]
+                                         [--max-size 0.6] [--qat-epochs 2] [--out bench_out/mixed_precision]
+
+For each torchvision model: train FP32 on scikit-learn's bundled digits (32x32, as
+benchmarks/ptq_accuracy.py), then
+
+* all-W8A8 and all-W4A8 PTQ (``tf_enhanced`` activations, min-max weights);
+* ``choose_mixed_precision`` with candidates W4A8 / W8A8 and ``max_relative_size``. Its
+  ``eval_callback`` never sees the validation set: it scores agreement with the FP32 model on
+  512 training images (minus the mean KL divergence of the softmax outputs, x100);
+* the chosen mix, PTQ and after a short QAT (SGD, momentum 0.9, cosine, fixed ranges).
+
+Prints one table (validation accuracy on the 360 held-out images; one image is 0.28 pt), the
+evaluation count against sites x candidates, and writes ``<out>/<model>/pareto.png`` and
+``mixed_precision.json`` (the chosen per-site bitwidths). Times are wall-clock on a machine
+whose 2 cores are shared with other jobs: compare counts and accuracy, not seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import accuracy, batches, markdown_table, train_fp32  # noqa: E402
+
+from qat_plugin import QuantSimModel  # noqa: E402
+from qat_plugin.mixed_precision import choose_mixed_precision  # noqa: E402
+
+SCHEME = dict(quant_scheme="tf_enhanced", param_quant_scheme="tf")
+
+
+def fp32_model(name, epochs, cache_dir, log=print):
+    """Train (or load from ``cache_dir``) the FP32 model; the data split is always recomputed."""
+    import torchvision
+    from qat_plugin.data import digits_tensors
+
+    path = os.path.join(cache_dir, f"{name}_e{epochs}_s0.pt") if cache_dir else None
+    if path and os.path.exists(path):
+        model = getattr(torchvision.models, name)(num_classes=10)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        log(f"  loaded {path}")
+        return model.eval(), digits_tensors()
+    model, data = train_fp32(name, epochs, log=log)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model, data
+
+
+def calibrate_fn(x_tr):
+    calib = [x_tr[i:i + 32] for i in range(0, 256, 32)]  # 8 batches of 32, as ptq_accuracy.py
+
+    def forward(model, _):
+        for xb in calib:
+            model(xb)
+    return forward
+
+
+def agreement_score(model_fp32, x_search):
+    """``-100 x mean KL(FP32 || model)`` on ``x_search``: higher is better, 0 is identical."""
+    with torch.no_grad():
+        ref = F.log_softmax(model_fp32(x_search), 1)
+
+    def score(model):
+        model.eval()
+        out = torch.cat([F.log_softmax(model(x_search[i:i + 256]), 1) for i in range(0, len(x_search), 256)])
+        return -100.0 * float(F.kl_div(out, ref, log_target=True, reduction="batchmean"))
+    return score
+
+
+def ptq(model, x_tr, pbw, abw):
+    sim = QuantSimModel(model, x_tr[:2], default_param_bw=pbw, default_output_bw=abw, **SCHEME)
+    sim.compute_encodings(calibrate_fn(x_tr))
+    return sim
+
+
+def short_qat(sim, x_tr, y_tr, epochs, lr=0.005, seed=0):
+    torch.manual_seed(seed)
+    params = [p for p in sim.model.parameters() if p.requires_grad]
+    steps = epochs * ((len(y_tr) + 63) // 64)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for epoch in range(epochs):
+        sim.model.train()
+        for xb, yb in batches(x_tr, y_tr, 64, shuffle=True, seed=seed * 1000 + epoch):
+            loss = F.cross_entropy(sim.model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    sim.model.eval()
+
+
+def run(name, args, log=print):
+    model, (x_tr, y_tr, x_va, y_va) = fp32_model(name, args.epochs, args.cache_dir, log)
+    fp32 = accuracy(model, x_va, y_va)
+    acc8 = accuracy(ptq(model, x_tr, 8, 8).model, x_va, y_va)
+    acc4 = accuracy(ptq(model, x_tr, 4, 8).model, x_va, y_va)
+
+    sim = QuantSimModel(model, x_tr[:2], **SCHEME)
+    n_sites = len(sim.quantizer_sites())
+    t0 = time.perf_counter()
+    res = choose_mixed_precision(sim, agreement_score(model, x_tr[-512:]), calibrate_fn(x_tr), [(4, 8), (8, 8)],
+                                 max_relative_size=args.max_size, results_dir=os.path.join(args.out, name),
+                                 curve_points=args.curve_points, verbose=False)
+    search_s = time.perf_counter() - t0
+    mixed = accuracy(sim.model, x_va, y_va)
+    weights8 = sum(1 for s in sim.quantizer_sites() if s.kind == "param" and s.bitwidth == 8)
+    weights = sum(1 for s in sim.quantizer_sites() if s.kind == "param")
+    log(f"  {name}: {res}\n  mixed PTQ {mixed:.2f}% (FP32 {fp32:.2f}%), search {search_s:.0f}s")
+    t1 = time.perf_counter()
+    short_qat(sim, x_tr, y_tr, args.qat_epochs)
+    qat_s = time.perf_counter() - t1
+    after = accuracy(sim.model, x_va, y_va)
+    return [name, f"{fp32:.2f}", f"{acc8:.2f}", f"{acc4:.2f}", f"{res.chosen.relative_size:.3f}",
+            f"{weights8}/{weights}", f"{mixed:.2f}", f"{mixed - fp32:+.2f}", f"{after:.2f}", f"{after - fp32:+.2f}",
+            f"{res.evaluations} / {n_sites * 2}", f"{search_s:.0f}", f"{qat_s:.0f}"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18"])
+    p.add_argument("--max-size", type=float, default=0.6)
+    p.add_argument("--qat-epochs", type=int, default=2)
+    p.add_argument("--curve-points", type=int, default=4)
+    p.add_argument("--out", default="bench_out/mixed_precision")
+    p.add_argument("--cache-dir", default=None, help="keep trained FP32 weights here between runs")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*left in float.*")
+    rows = [run(name, args) for name in args.models]
+    header = ["model", "FP32 %", "W8A8 %", "W4A8 %", "mixed: size vs W8", "8-bit weight layers", "mixed PTQ %",
+              "PTQ - FP32", f"mixed + QAT {args.qat_epochs} ep %", "QAT - FP32", "evaluations / sites x 2",
+              "search s", "QAT s"]
+    print()
+    print(markdown_table(header, rows))
+    print(f"\ncandidates W4A8 / W8A8, max_relative_size {args.max_size}; search score: -100 x KL(FP32 || sim) on 512 "
+          f"training images; validation: 360 held-out digits; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads (2 shared cores: seconds are indicative)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
