@@ -430,14 +430,24 @@ def plot_pareto(result: MixedPrecisionResult, path: str, *, budget_size: Optiona
     fig = Figure(figsize=(10, 4.2))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
+    # keep the interesting band readable: points far below FP32 are drawn on the floor, labelled
+    span = max(result.fp32_score - result.chosen.score, allowed_accuracy_drop or 0.0,
+               max(p.score for p in result.points) - result.chosen.score, 1e-12)
+    floor = result.fp32_score - 6 * span
+    clipped = any(p.score < floor for p in result.points)
+    y = lambda p: max(p.score, floor) if clipped else p.score
     for ax, attr, budget, label in ((axes[0], "relative_size", budget_size, "weight size relative to all-highest"),
                                     (axes[1], "relative_bitops", budget_bitops, "bitops relative to all-highest")):
         pts = sorted(result.points, key=lambda p: getattr(p, attr))
         front = pareto_front(result.points, attr)
-        ax.scatter([getattr(p, attr) for p in pts], [p.score for p in pts], color="#999999", s=18,
+        ax.scatter([getattr(p, attr) for p in pts], [y(p) for p in pts], color="#999999", s=18,
                    label="evaluated", zorder=2)
-        ax.plot([getattr(p, attr) for p in front], [p.score for p in front], "-o", color="#4f81bd", ms=4,
+        ax.plot([getattr(p, attr) for p in front], [y(p) for p in front], "-o", color="#4f81bd", ms=4,
                 label="pareto front", zorder=3)
+        low = [p for p in pts if clipped and p.score < floor]
+        for i, p in enumerate(low):  # staggered so that neighbours stay legible
+            ax.annotate(f"{p.score:.4g}", (getattr(p, attr), floor), textcoords="offset points",
+                        xytext=(4, 4 + 9 * (i % 3)), fontsize=7, color="#555555")
         ax.scatter([getattr(result.chosen, attr)], [result.chosen.score], marker="*", s=180, color="#c0504d",
                    label=f"chosen ({result.final_score:.4g} recalibrated)", zorder=4)
         ax.axhline(result.fp32_score, color="black", lw=0.8, ls="--", label="FP32")
@@ -446,9 +456,11 @@ def plot_pareto(result: MixedPrecisionResult, path: str, *, budget_size: Optiona
                        label="FP32 - allowed drop")
         if budget is not None:
             ax.axvline(budget, color="#9bbb59", lw=1.0, ls="-.", label="budget")
+        if clipped:
+            ax.axhline(floor, color="#999999", lw=0.6, ls=(0, (1, 3)), label="floor (lower scores written)")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("score")
+    axes[0].set_ylabel("score (eval_callback)")
     axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{title}: {result.evaluations} evaluations")
     fig.tight_layout()
