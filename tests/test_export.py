@@ -1,7 +1,6 @@
 """ONNX export: ORT runs integer kernels and agrees with the simulation."""
 import json
 import os
-import warnings
 
 import numpy as np
 import onnx
@@ -16,7 +15,7 @@ from qat_plugin.export import load_encodings, verify
 from qat_plugin.export.verify import main as verify_main
 from helpers import calibrate, randomize_bn
 
-warnings.filterwarnings("ignore", message=".*left in float.*")
+pytestmark = pytest.mark.filterwarnings("ignore:.*left in float.*")
 
 
 class ConvBnRelu(nn.Module):
@@ -84,7 +83,10 @@ def test_tiny_groups_run_as_integer_kernels_and_match(tmp_path, name):
     sim, res = exported(tmp_path, TINY[name](), x)
     report = verify(res.onnx_path, sim, torch.randn(256, 3, 8, 8))
     assert report.n_inputs == 256
-    assert report.sqnr_db >= 35 and report.top1_agreement >= 0.995, str(report)
+    # judged against the simulation's own noise floor measured in this run (59-69 dB on these
+    # graphs; ORT vs simulation measures inf: bit-exact), not against a fixed 35 dB
+    assert report.within_floor and report.top1_agreement >= 0.995, str(report)
+    assert report.perturbed_sqnr_db > 50, str(report)  # the floor itself is finite and high
     assert report.float_compute_ops == 0 and report.unfused_qdq == 0, str(report)
     assert report.op_counts.get("QuantizeLinear") == 1 and report.op_counts.get("DequantizeLinear") == 1
     assert not {"Relu", "Clip"} & set(report.op_counts)  # no float activation islands after fused convs
@@ -116,7 +118,7 @@ def test_dynamic_batch_axis(tmp_path):
     sim, res = exported(tmp_path, AddRelu(), x)
     for batch in (1, 3, 7):
         report = verify(res.onnx_path, sim, torch.randn(batch, 3, 8, 8))
-        assert report.n_inputs == batch and report.sqnr_db > 35
+        assert report.n_inputs == batch and report.within_floor, str(report)
 
 
 def test_encodings_file_is_aimet_format_keyed_by_onnx_names(tmp_path):
@@ -183,9 +185,27 @@ def test_bitwidth_onnx_cannot_express(tmp_path):
 def test_verify_cli(tmp_path, capsys):
     x = torch.randn(16, 3, 8, 8)
     _, res = exported(tmp_path, AddRelu(), x)
-    assert verify_main([res.onnx_path, "--n", "32", "--min-sqnr", "30"]) == 0
+    assert verify_main([res.onnx_path, "--n", "32", "--min-sqnr", "30", "--max-below-floor", "100"]) == 0
     out = capsys.readouterr().out
     assert "logit SQNR (dB)" in out and "QLinearConv=" in out and "inputs compared" in out
+    assert "reference noise floor (dB)" in out and "ORT vs floor" in out
+
+
+def test_verify_flags_a_file_below_the_simulations_noise_floor(tmp_path):
+    """One activation encoding off by 0.1% between the file and the simulation: ORT vs sim falls
+    far below the floor measured in the same run, and the report says so."""
+    x = torch.randn(64, 3, 8, 8)
+    sim, res = exported(tmp_path, AddRelu(), x)
+    test = torch.randn(128, 3, 8, 8)
+    good = verify(res.onnx_path, sim, test)
+    assert good.within_floor, str(good)
+    q = sim.quantizers()["x_input"]
+    with torch.no_grad():
+        q.scale.mul_(1.001)
+    bad = verify(res.onnx_path, sim, test)
+    assert bad.floor_sqnr_db > 50 and bad.sqnr_db < bad.floor_sqnr_db - 10, str(bad)
+    assert bad.within_floor is False and "BELOW the floor" in str(bad)
+    assert verify(res.onnx_path, sim, test, floor=False).within_floor is None
 
 
 def _torchvision(name, trained_steps=0):
@@ -210,7 +230,8 @@ def test_torchvision_export_is_int8_fused_and_small(tmp_path, name):
     sim = calibrate(QuantSimModel(model, data[:2]), data[:32])
     res = sim.export(str(tmp_path), name, data[:1], export_fp32=True)
     report = verify(res.onnx_path, sim, torch.randn(256, 3, 32, 32))
-    assert report.sqnr_db >= 35, str(report)
+    # measured: ORT vs sim 44.9 / 52.6 dB, floor 42.5 / 53.3 dB (resnet18 / mobilenet_v2)
+    assert report.within_floor, str(report)
     assert report.float_compute_ops == 0 and report.unfused_qdq == 0, str(report)
     assert os.path.getsize(res.onnx_path) <= 0.27 * os.path.getsize(res.fp32_path)
 
@@ -223,4 +244,4 @@ def test_trained_torchvision_top1_agreement(tmp_path, name):
     res = sim.export(str(tmp_path), name, data[:1])
     report = verify(res.onnx_path, sim, data[:512])
     assert report.n_inputs >= 256
-    assert report.sqnr_db >= 35 and report.top1_agreement >= 0.995, str(report)
+    assert report.within_floor and report.top1_agreement >= 0.995, str(report)

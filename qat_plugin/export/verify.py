@@ -1,10 +1,19 @@
-"""Run an exported model in ONNX Runtime and compare it with the simulation.
+"""Run an exported model in ONNX Runtime and compare it with the simulation, beside the
+simulation's own noise floor.
 
-    python -m qat_plugin.export.verify model.onnx [--reference model.onnx|none] [--n 256]
+    python -m qat_plugin.export.verify model.onnx [--inputs x.npy | --n 256] [--min-sqnr DB]
+                                                  [--max-below-floor DB]
 
 From the command line, the reference is the same QDQ file run with every ONNX Runtime graph
 optimization disabled: Q/DQ then execute as float math, which is exactly the simulation's
 arithmetic, while the checked session runs ORT's fused integer kernels.
+
+A deep quantized network is chaotic: a one-ulp change of a value that sits near a rounding tie
+flips one LSB, and the flip grows through the layers. So ``verify`` also measures the
+reference against itself (:func:`noise_floor`): with every activation quantizer's input
+perturbed by ``floor_rel`` (1e-7, about one float32 ulp, the size of the re-association
+differences between two runtimes' float kernels), and batch 1 against batch N. The lower of the
+two is the floor; ORT vs reference is judged against it (``report.within_floor``).
 """
 from __future__ import annotations
 
@@ -33,11 +42,43 @@ class VerifyReport:
     float_compute_ops: int = 0
     unfused_qdq: int = 0
     file_bytes: int = 0
+    #: reference vs itself with each activation quantizer's input perturbed (``floor_rel``)
+    perturbed_sqnr_db: Optional[float] = None
+    #: reference vs itself, batch 1 against batch N (same inputs)
+    batch_sqnr_db: Optional[float] = None
+    #: how far (dB) below the floor ORT vs reference may lie and still be "at the floor"
+    floor_margin_db: float = 3.0
+
+    @property
+    def floor_sqnr_db(self) -> Optional[float]:
+        """The reference's own noise floor: the lower of :attr:`perturbed_sqnr_db` and
+        :attr:`batch_sqnr_db` (``None`` when not measured; ``inf`` when both runs were identical)."""
+        measured = [v for v in (self.perturbed_sqnr_db, self.batch_sqnr_db) if v is not None]
+        return min(measured) if measured else None
+
+    @property
+    def within_floor(self) -> Optional[bool]:
+        """Whether ORT vs reference is no worse than the floor minus :attr:`floor_margin_db`."""
+        floor = self.floor_sqnr_db
+        return None if floor is None else bool(self.sqnr_db >= floor - self.floor_margin_db)
+
+    def floor_verdict(self) -> str:
+        floor = self.floor_sqnr_db
+        if floor is None:
+            return "not measured"
+        if self.within_floor:
+            return f"at the floor ({self.sqnr_db - floor:+.1f} dB)"
+        return f"BELOW the floor by {floor - self.sqnr_db:.1f} dB (more than the {self.floor_margin_db:g} dB margin)"
 
     def __str__(self) -> str:
         ops = ", ".join(f"{k}={v}" for k, v in sorted(self.op_counts.items(), key=lambda kv: -kv[1]))
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"
         rows = [("inputs compared", f"{self.n_inputs}"), ("max |ORT - reference|", f"{self.max_abs_diff:.4g}"),
-                ("logit SQNR (dB)", f"{self.sqnr_db:.1f}"), ("top-1 agreement", f"{100 * self.top1_agreement:.2f}%"),
+                ("logit SQNR (dB)", f"{self.sqnr_db:.1f}"),
+                ("reference noise floor (dB)", f"{fmt(self.floor_sqnr_db)} (perturbed {fmt(self.perturbed_sqnr_db)}, "
+                                               f"batch 1 vs N {fmt(self.batch_sqnr_db)})"),
+                ("ORT vs floor", self.floor_verdict()),
+                ("top-1 agreement", f"{100 * self.top1_agreement:.2f}%"),
                 ("float Conv/Gemm/MatMul left", f"{self.float_compute_ops}"),
                 ("unfused Q/DQ (DQ feeding float ops)", f"{self.unfused_qdq}"),
                 ("file size", f"{self.file_bytes / 2**20:.2f} MiB"), ("ORT optimized graph ops", ops)]
@@ -112,31 +153,98 @@ def compare(out: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
     return float(np.max(np.abs(out - ref))), sqnr, top1
 
 
-def verify(onnx_path: str, reference=None, inputs=None, batch_size: int = 64, threads: Optional[int] = None) -> VerifyReport:
-    """Compare ONNX Runtime (all optimizations, integer kernels) with ``reference``.
+def _activation_quantizers(module) -> list:
+    from ..quantizer import QuantizeDequantize
+
+    return [m for name, m in module.named_modules()
+            if isinstance(m, QuantizeDequantize) and "param_quantizers" not in name.split(".")]
+
+
+def _perturbation(shape, rel: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 1 + rel * (torch.randint(0, 2, tuple(shape), generator=g).float() * 2 - 1)
+
+
+def _reference_runner(onnx_path: str, reference, threads: Optional[int]):
+    """``run(arrays, batch_size, rel)``: the reference's outputs, with every activation quantizer's
+    input (or, without quantizers, the model input) multiplied by ``1 +- rel`` when ``rel``."""
+    if reference is None:
+        sess = session(onnx_path, False, threads)
+
+        def run(arrays, batch_size, rel=0.0):
+            if rel:
+                arrays = [(a * _perturbation(a.shape, rel, 0).numpy()).astype(np.float32) for a in arrays]
+            return _run(sess, arrays, batch_size)
+        return run
+
+    module = getattr(reference, "model", reference)
+    quantizers = _activation_quantizers(module)
+
+    def run(arrays, batch_size, rel=0.0):
+        hooks, calls = [], [0]
+        if rel and quantizers:
+            def perturb(_, args):
+                calls[0] += 1
+                return (args[0] * _perturbation(args[0].shape, rel, calls[0]).to(args[0]),) + tuple(args[1:])
+            hooks = [q.register_forward_pre_hook(perturb) for q in quantizers]
+        elif rel:
+            arrays = [(a * _perturbation(a.shape, rel, 0).numpy()).astype(np.float32) for a in arrays]
+        was = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                return np.concatenate([module(torch.from_numpy(a[i:i + batch_size])).numpy()
+                                       for a in arrays for i in range(0, len(a), batch_size)])
+        finally:
+            module.train(was)
+            for h in hooks:
+                h.remove()
+    return run
+
+
+def noise_floor(run, arrays: Sequence[np.ndarray], batch_size: int, reference_out: np.ndarray, *,
+                rel: float = 1e-7, batch_inputs: int = 16) -> tuple[float, float]:
+    """The reference's SQNR (dB) against itself: ``(perturbed, batch 1 vs N)``.
+
+    ``perturbed``: every activation quantizer's input multiplied by ``1 +- rel`` (random signs,
+    seeded). ``batch 1 vs N``: the first ``batch_inputs`` inputs one at a time against the same
+    inputs in batches of ``batch_size``.
+    """
+    perturbed = compare(run(arrays, batch_size, rel), reference_out)[1]
+    first = np.concatenate(arrays)[:batch_inputs]
+    batch = compare(run([first], 1), reference_out[:len(first)])[1]
+    return perturbed, batch
+
+
+def verify(onnx_path: str, reference=None, inputs=None, batch_size: int = 64, threads: Optional[int] = None, *,
+           floor: bool = True, floor_rel: float = 1e-7, floor_margin_db: float = 3.0) -> VerifyReport:
+    """Compare ONNX Runtime (all optimizations, integer kernels) with ``reference``, beside the
+    reference's own noise floor.
 
     ``reference``: a ``QuantSimModel`` or ``nn.Module`` (run in torch, eval mode), or ``None``
     (the same file in ORT with optimizations disabled). ``inputs``: a tensor/array or a list of
-    them (batched along dim 0).
+    them (batched along dim 0). ``floor``: also measure :func:`noise_floor` (two more reference
+    runs); ``report.within_floor`` then says whether ORT vs reference is within
+    ``floor_margin_db`` of it.
+
+    >>> report = verify("m.onnx", sim, test_images)                       # doctest: +SKIP
+    >>> report.sqnr_db, report.floor_sqnr_db, report.within_floor         # doctest: +SKIP
+    (44.9, 42.5, True)
     """
     if isinstance(inputs, (torch.Tensor, np.ndarray)):
         inputs = [inputs]
     arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]
     arrays = [a.astype(np.float32) for a in arrays]
     out = _run(session(onnx_path, True, threads), arrays, batch_size)
-    if reference is None:
-        ref = _run(session(onnx_path, False, threads), arrays, batch_size)
-    else:
-        module = getattr(reference, "model", reference)
-        was = module.training
-        module.eval()
-        with torch.no_grad():
-            ref = np.concatenate([module(torch.from_numpy(a[i:i + batch_size])).numpy()
-                                  for a in arrays for i in range(0, len(a), batch_size)])
-        module.train(was)
+    run = _reference_runner(onnx_path, reference, threads)
+    ref = run(arrays, batch_size)
     max_diff, sqnr, top1 = compare(out, ref)
+    perturbed = batch = None
+    if floor:
+        perturbed, batch = noise_floor(run, arrays, batch_size, ref, rel=floor_rel)
     counts, float_ops, unfused = optimized_graph_stats(onnx_path)
-    return VerifyReport(len(out), max_diff, sqnr, top1, dict(counts), float_ops, unfused, os.path.getsize(onnx_path))
+    return VerifyReport(len(out), max_diff, sqnr, top1, dict(counts), float_ops, unfused, os.path.getsize(onnx_path),
+                        perturbed, batch, floor_margin_db)
 
 
 def main(argv=None) -> int:
@@ -146,6 +254,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=256, help="random inputs when --inputs is not given")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-sqnr", type=float, default=None, help="exit 1 if the logit SQNR is below this")
+    p.add_argument("--max-below-floor", type=float, default=None,
+                   help="exit 1 if the logit SQNR is more than this many dB below the reference's own noise floor")
     args = p.parse_args(argv)
     if args.inputs:
         x = np.load(args.inputs)
@@ -153,9 +263,12 @@ def main(argv=None) -> int:
         shape = [d.dim_value if d.dim_value > 0 else args.n
                  for d in onnx.load(args.onnx_path).graph.input[0].type.tensor_type.shape.dim]
         x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
-    report = verify(args.onnx_path, None, x)
+    margin = args.max_below_floor if args.max_below_floor is not None else 3.0
+    report = verify(args.onnx_path, None, x, floor_margin_db=margin)
     print(report)
     if args.min_sqnr is not None and report.sqnr_db < args.min_sqnr:
+        return 1
+    if args.max_below_floor is not None and not report.within_floor:
         return 1
     return 0
 
