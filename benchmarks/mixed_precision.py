@@ -14,7 +14,13 @@ benchmarks/ptq_accuracy.py), then
 
 Prints one table (validation accuracy on the 360 held-out images; one image is 0.28 pt), the
 evaluation count against sites x candidates, and writes ``<out>/<model>/pareto.png`` and
-``mixed_precision.json`` (the chosen per-site bitwidths). Times are wall-clock on a machine
+``mixed_precision.json`` (the chosen per-site bitwidths).
+
+``transformer`` (in ``--models``): a 2-layer transformer encoder (d=32, 4 heads, captured
+through torch.export) reading each 8x8 digit as 8 tokens of 8 pixels. Candidates W8A8 / W8A16;
+the search keeps at most half of all-A8's score loss (``allowed_accuracy_drop`` = half the
+all-A8 KL score), and a second table gives validation accuracy of all-A8, the mix (with its
+16-bit share) and all-A16. Times are wall-clock on a machine
 whose 2 cores are shared with other jobs: compare counts and accuracy, not seconds.
 """
 from __future__ import annotations
@@ -69,6 +75,7 @@ def agreement_score(model_fp32, x_search):
     with torch.no_grad():
         ref = F.log_softmax(model_fp32(x_search), 1)
 
+    @torch.no_grad()
     def score(model):
         model.eval()
         out = torch.cat([F.log_softmax(model(x_search[i:i + 256]), 1) for i in range(0, len(x_search), 256)])
@@ -97,6 +104,64 @@ def short_qat(sim, x_tr, y_tr, epochs, lr=0.005, seed=0):
             opt.step()
             sched.step()
     sim.model.eval()
+
+
+class DigitsEncoder(torch.nn.Module):
+    """Rows of an 8x8 digit as 8 tokens: linear embedding, learned positions, encoder, mean, head."""
+
+    def __init__(self, d=32, heads=4, layers=2):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, d)
+        self.pos = torch.nn.Parameter(torch.randn(1, 8, d) * 0.1)
+        layer = torch.nn.TransformerEncoderLayer(d, heads, 2 * d, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(d, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x) + self.pos).mean(1))
+
+
+def run_transformer(args, log=print):
+    from qat_plugin.data import digits_tensors
+
+    x_tr, y_tr, x_va, y_va = (t.squeeze(1) if t.dim() == 4 else t for t in digits_tensors(image_size=8, channels=1))
+    torch.manual_seed(0)
+    model = DigitsEncoder()
+    epochs = 30
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * ((len(y_tr) + 63) // 64))
+    for epoch in range(epochs):
+        model.train()
+        for xb, yb in batches(x_tr, y_tr, 64, shuffle=True, seed=epoch):
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    fp32 = accuracy(model, x_va, y_va)
+    score = agreement_score(model, x_tr[-512:])
+    scheme = dict(quant_scheme="tf_enhanced")
+    alls = {}
+    for abw in (8, 16):
+        sim = QuantSimModel(model, x_tr[:2], default_output_bw=abw, **scheme)
+        sim.compute_encodings(calibrate_fn(x_tr))
+        alls[abw] = (accuracy(sim.model, x_va, y_va), score(sim.model))
+    drop = -alls[8][1] / 2  # half of all-A8's KL loss (the FP32 score is 0)
+    sim = QuantSimModel(model, x_tr[:2], **scheme)
+    n_sites = len(sim.quantizer_sites())
+    t0 = time.perf_counter()
+    res = choose_mixed_precision(sim, score, calibrate_fn(x_tr), [(8, 8), (8, 16)], allowed_accuracy_drop=drop,
+                                 results_dir=os.path.join(args.out, "transformer"), curve_points=args.curve_points,
+                                 verbose=False)
+    search_s = time.perf_counter() - t0
+    acts = [s for s in sim.quantizer_sites() if s.kind != "param"]
+    wide = [s.where for s in acts if s.bitwidth == 16]
+    mixed = accuracy(sim.model, x_va, y_va)
+    log(f"  transformer: {res}\n  16-bit sites: {wide}")
+    return [["transformer encoder (2 layers, d=32)", f"{fp32:.2f}", f"{alls[8][0]:.2f}", f"{alls[8][1]:.3f}",
+             f"{mixed:.2f}", f"{res.final_score:.3f}", f"{len(wide)}/{len(acts)}", f"{mixed - alls[8][0]:+.2f}",
+             f"{alls[16][0]:.2f}", f"{alls[16][1]:.3f}", f"{res.evaluations} / {n_sites * 2}", f"{search_s:.0f}"]]
 
 
 def run(name, args, log=print):
@@ -128,7 +193,7 @@ def run(name, args, log=print):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18"])
+    p.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18", "transformer"])
     p.add_argument("--max-size", type=float, default=0.6)
     p.add_argument("--qat-epochs", type=int, default=2)
     p.add_argument("--curve-points", type=int, default=4)
@@ -136,12 +201,19 @@ def main(argv=None):
     p.add_argument("--cache-dir", default=None, help="keep trained FP32 weights here between runs")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*left in float.*")
-    rows = [run(name, args) for name in args.models]
+    rows = [run(name, args) for name in args.models if name != "transformer"]
+    tf_rows = run_transformer(args) if "transformer" in args.models else []
     header = ["model", "FP32 %", "W8A8 %", "W4A8 %", "mixed: size vs W8", "8-bit weight layers", "mixed PTQ %",
               "PTQ - FP32", f"mixed + QAT {args.qat_epochs} ep %", "QAT - FP32", "evaluations / sites x 2",
               "search s", "QAT s"]
     print()
-    print(markdown_table(header, rows))
+    if rows:
+        print(markdown_table(header, rows))
+    if tf_rows:
+        print()
+        print(markdown_table(["model", "FP32 %", "all W8A8 %", "A8 score", "mixed %", "mixed score",
+                              "16-bit act. sites", "mixed - all-A8", "all W8A16 %", "A16 score",
+                              "evaluations / sites x 2", "search s"], tf_rows))
     print(f"\ncandidates W4A8 / W8A8, max_relative_size {args.max_size}; search score: -100 x KL(FP32 || sim) on 512 "
           f"training images; validation: 360 held-out digits; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads (2 shared cores: seconds are indicative)")

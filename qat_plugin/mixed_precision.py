@@ -13,7 +13,7 @@ Definitions (both relative to every site at the highest candidate bitwidths):
 * **bitops**: ``sum over weighted layers of (MACs x param_bw x bitwidth of the layer's input
   quantizer)``. MACs per sample come from the weight shape and the layer's output shape,
   recorded with forward hooks during one ``forward_pass_callback`` run (functional weights
-  such as ``F.linear(x, self.w)`` count as 0 MACs). The input quantizer is the activation site
+  such as ``F.linear(x, self.w)`` and embedding tables count as 0 MACs; their size counts). The input quantizer is the activation site
   the layer reads (found in the graph); a layer with none counts the sim's ``default_output_bw``.
 
 The search (the algorithm, and its cost in evaluations ``eval_callback(sim.model)``):
@@ -25,8 +25,10 @@ The search (the algorithm, and its cost in evaluations ``eval_callback(sim.model
    each; groups whose options coincide, e.g. activation-only groups under W4A8/W8A8, cost
    nothing). ``phase1="sqnr"`` ranks by the SQNR proxy instead (no evaluations): the rise in
    the group's summed relative noise power ``10^(-SQNR/10)`` from its highest option.
-3. The moves "group g goes down to option o" are sorted by score drop per bit saved (size, or
-   bitops when only ``max_relative_bitops`` is given). Configuration ``k`` applies the first
+3. The moves "group g goes down to option o" are sorted by score drop per share saved: of the
+   size (with ``max_relative_size``, or when the candidates differ in ``param_bw``), else of the
+   bitops, plus a tenth of the shares of the other two measures (size, bitops, activation bits
+   per sample), so that moves the main measure does not see still rank by harm per bit. Configuration ``k`` applies the first
    ``k`` moves, so size and bitops fall with ``k``; the budgets give the smallest admissible
    ``k`` without any evaluation. With ``allowed_accuracy_drop``, a binary search over ``k``
    finds the largest ``k`` whose score stays within the drop of FP32 (``log2(moves)``
@@ -101,6 +103,11 @@ class CostModel:
     macs: dict  # weight site -> MACs per sample
     input_site: dict  # weight site -> activation site feeding the layer (None: unquantized input)
     default_input_bw: int
+    activations: dict = field(default_factory=dict)  # activation site -> elements per sample
+
+    def activation_bits(self, bits: dict) -> float:
+        """Bits of quantized activations per sample (a tie-breaker when size and bitops do not move)."""
+        return float(sum(n * bits[k] for k, n in self.activations.items()))
 
     def size(self, bits: dict) -> float:
         return float(sum(n * bits[k] for k, n in self.weights.items()))
@@ -131,8 +138,15 @@ def _input_site(sim, module_path: str) -> Optional[str]:
 def cost_model(sim, forward_pass_callback: ForwardPassCallback, forward_pass_callback_args: Any = None) -> CostModel:
     """Weight counts from the weights; MACs per sample from one forward pass with hooks on the
     weighted layers (quantizers bypassed)."""
-    weights, macs, inputs = {}, {}, {}
+    weights, macs, inputs, acts = {}, {}, {}, {}
     hooks = []
+
+    def count(key):
+        def fn(module, args, out):
+            if key not in acts and isinstance(args[0], torch.Tensor):
+                x = args[0]
+                acts[key] = x[0].numel() if x.dim() > 1 else x.numel()
+        return fn
 
     def hook(key):
         def fn(module, args, out):
@@ -140,15 +154,17 @@ def cost_model(sim, forward_pass_callback: ForwardPassCallback, forward_pass_cal
                 return
             w = module.weight
             if isinstance(module, nn.modules.conv._ConvTransposeNd):  # each input element feeds weight/in_channels outputs
-                x = args[0]
-                macs[key] = x[0].numel() * w.numel() // module.in_channels
-            else:  # each output element takes weight/out_channels products
+                macs[key] = args[0][0].numel() * w.numel() // module.in_channels
+            elif isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):  # output element: weight/out_channels MACs
                 out_ch = module.out_features if isinstance(module, nn.Linear) else module.out_channels
                 macs[key] = out[0].numel() * w.numel() // out_ch
+            else:  # an embedding table (Gather) looks rows up: no multiply-accumulates
+                macs[key] = 0
         return fn
 
     for s in sim.quantizer_sites():
         if s.kind != "param":
+            hooks.append(sim.quantizers()[s.key].register_forward_hook(count(s.key)))
             continue
         weights[s.key] = sim.weight_of(s.key).numel()
         if s.module is not None:
@@ -163,7 +179,7 @@ def cost_model(sim, forward_pass_callback: ForwardPassCallback, forward_pass_cal
     for k in weights:
         macs.setdefault(k, 0)
         inputs.setdefault(k, None)
-    return CostModel(weights, macs, inputs, sim.output_bw)
+    return CostModel(weights, macs, inputs, sim.output_bw, acts)
 
 
 # ---- search ------------------------------------------------------------------------------------
@@ -271,7 +287,13 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
         fp32 = evaluate(eval_callback, sim.model)
 
     # 2. phase 1: one score per (group, lower option).
-    metric = "bitops" if max_relative_bitops is not None and max_relative_size is None else "size"
+    if max_relative_size is not None:
+        metric = "size"
+    elif max_relative_bitops is not None:
+        metric = "bitops"
+    else:  # accuracy target only: rank by what the candidates change
+        metric = "size" if len({c[0] for c in cands}) > 1 else "bitops"
+    ref_acts = costs.activation_bits(top) or 1.0
     moves, rows = [], []
     for g in groups:
         for bits in _options(g, sim, cands)[:-1]:
@@ -284,14 +306,17 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
             trial = {**top, **bits}
             saved_size = costs.size(top) - costs.size(trial)
             saved_bitops = costs.bitops(top) - costs.bitops(trial)
-            saved = (saved_bitops / ref_bitops) if metric == "bitops" else (saved_size / ref_size)
-            if saved <= 0:
-                saved = 1e-3 * saved_bitops / ref_bitops if metric == "size" else 1e-3 * saved_size / ref_size
+            # the ranked share saved: the metric's, plus a tenth of the other two (tie-breakers, so
+            # that a move the metric does not see, e.g. a softmax output, still ranks by harm per bit)
+            shares = {"size": saved_size / ref_size, "bitops": saved_bitops / ref_bitops,
+                      "acts": (costs.activation_bits(top) - costs.activation_bits(trial)) / ref_acts}
+            saved = shares[metric] + 0.1 * sum(v for k, v in shares.items() if k != metric)
             moves.append((g, bits, drop, saved))
             rows.append(SensitivityRow(g.name, g.sites, _label(sim, bits), score, drop, float("nan")))
     sens = SensitivityResult(fp32, rows, counter["evals"] - 1)
     # least harm per share saved first; moves that save nothing go last
     moves.sort(key=lambda m: (m[3] <= 0, (m[2] / m[3]) if m[3] > 0 else m[2]))
+    front_cost = "relative_bitops" if metric == "bitops" else "relative_size"
 
     configs = [dict(top)]
     for g, bits, _, _ in moves:
@@ -351,7 +376,7 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
 
     points = [ParetoPoint(rel_size[k], rel_bitops[k], s, k, configs[k]) for k, s in sorted(scores.items())]
     chosen = next(p for p in points if p.moves == chosen_k)
-    front = pareto_front(points, "relative_bitops" if metric == "bitops" else "relative_size")
+    front = pareto_front(points, front_cost)
 
     # 4. the chosen configuration, calibrated for good.
     sim.set_bitwidths(configs[chosen_k])

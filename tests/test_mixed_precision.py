@@ -326,6 +326,7 @@ def test_cost_model_counts_weights_and_macs():
     assert costs.macs[k["a.weight"]] == 8 * 8 * 8 * (8 * 9)  # output elements x (in/groups x kh x kw)
     assert costs.macs[k["fc.weight"]] == 10 * 16
     assert costs.input_site[k["a.weight"]] == k["stem .. F.relu"]
+    assert costs.activations[k["input 'x'"]] == 3 * 8 * 8 and costs.activations[k["fc"]] == 10
     b = {key: 8 for key in bits(sim)}
     b4 = {**b, k["a.weight"]: 4, k["stem .. F.relu"]: 16}
     assert costs.bitops(b4) - costs.bitops(b) == costs.macs[k["a.weight"]] * (4 * 16 - 8 * 8) + \
