@@ -10,7 +10,8 @@ def digits_tensors(image_size: int = 32, channels: int = 3, val_fraction: float 
 
     The 8x8 images (values 0..16) are scaled to [0, 1], resized bilinearly to
     ``image_size``, standardized, and repeated to ``channels``. The split is a fixed,
-    seeded permutation (1797 images: 1437 train / 360 val at the default fraction).
+    seeded permutation (1797 images: 1438 train / 359 val at the default fraction,
+    ``round(1797 * 0.2) = 359``).
     """
     from sklearn.datasets import load_digits
 
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 
 class DigitsDataModule(pl.LightningDataModule):
-    """scikit-learn's bundled digits (no download): 1437 training and 360 validation images,
+    """scikit-learn's bundled digits (no download): 1438 training and 359 validation images,
     resized to ``image_size`` with ``channels`` channels (3 for torchvision models).
 
     Args:
@@ -41,13 +42,16 @@ class DigitsDataModule(pl.LightningDataModule):
         batch_size: training batch size (validation uses 256).
         val_fraction: share held out for validation (seeded split).
         seed: split and shuffling seed.
+        labels: ``False`` makes training batches images only (``(x,)``), for label-free QAT by
+            distillation; validation keeps its labels for accuracy.
     """
 
     def __init__(self, image_size: int = 32, channels: int = 3, batch_size: int = 64, val_fraction: float = 0.2,
-                 seed: int = 0):
+                 seed: int = 0, labels: bool = True):
         super().__init__()
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.labels = labels
         self.image_size, self.channels, self.batch_size = image_size, channels, batch_size
         self.val_fraction, self.seed = val_fraction, seed
         self.num_classes = 10
@@ -60,7 +64,7 @@ class DigitsDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         x, y = self._data[0], self._data[1]
-        return DataLoader(TensorDataset(x, y), batch_size=self.batch_size, shuffle=True,
+        return DataLoader(TensorDataset(x, y) if self.labels else TensorDataset(x), batch_size=self.batch_size, shuffle=True,
                           generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
@@ -70,19 +74,51 @@ class DigitsDataModule(pl.LightningDataModule):
     test_dataloader = val_dataloader
 
 
+class UnlabeledImages(torch.utils.data.Dataset):
+    """Every image file under ``root`` (any depth, sorted; class folders optional and ignored),
+    transformed; items are ``(image,)`` tuples."""
+
+    def __init__(self, root: str, transform=None):
+        import os
+
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        self.root, self.transform = root, transform
+        self.files = sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+                            if f.lower().endswith(IMG_EXTENSIONS))
+        if not self.files:
+            raise FileNotFoundError(f"UnlabeledImages: no image files ({', '.join(IMG_EXTENSIONS)}) under '{root}'")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            im = im.convert("RGB")
+        return (self.transform(im) if self.transform is not None else im,)
+
+
 class ImageFolderDataModule(pl.LightningDataModule):
     """Your own images in torchvision's ImageFolder layout: ``train_dir/<class>/<image>`` and
     ``val_dir/<class>/<image>`` (without ``val_dir``, a seeded ``val_fraction`` of train_dir).
 
     Images are resized to ``image_size`` (square), converted to ``channels`` channels and
     normalized with ImageNet's mean and standard deviation.
+
+    ``unlabeled=True``: ``train_dir`` is any folder of images (class folders optional and
+    ignored) and training batches are ``(x,)``, for label-free QAT by distillation; validation
+    needs a labelled ``val_dir`` (without one there is no validation).
     """
 
     def __init__(self, train_dir: str, val_dir: str = None, image_size: int = 224, channels: int = 3,
-                 batch_size: int = 32, val_fraction: float = 0.2, num_workers: int = 0, seed: int = 0):
+                 batch_size: int = 32, val_fraction: float = 0.2, num_workers: int = 0, seed: int = 0,
+                 unlabeled: bool = False):
         super().__init__()
         import os
 
+        self.unlabeled = unlabeled
         for d in (train_dir, val_dir):
             if d is not None and not os.path.isdir(d):
                 raise FileNotFoundError(f"ImageFolderDataModule: no directory '{d}'")
@@ -105,6 +141,12 @@ class ImageFolderDataModule(pl.LightningDataModule):
             return
         from torchvision.datasets import ImageFolder
 
+        if self.unlabeled:
+            self._train = UnlabeledImages(self.train_dir, transform=self._transform())
+            self._val = ImageFolder(self.val_dir, transform=self._transform()) if self.val_dir is not None else []
+            if self.val_dir is not None:
+                self.num_classes = len(self._val.classes)
+            return
         full = ImageFolder(self.train_dir, transform=self._transform())
         self.num_classes = len(full.classes)
         if self.val_dir is not None:
