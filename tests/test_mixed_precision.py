@@ -347,6 +347,11 @@ def test_mixed_export_matches_simulation_in_ort(tmp_path):
     assert res.opset == 21
     report = verify(res.onnx_path, sim, X)
     assert report.sqnr_db > 60 and report.top1_agreement == 1.0  # measured: identical (inf dB)
+    # verify reports the mix: weights int4 (a) / int8 (stem, b) / int16 (fc), activations uint8 / uint16
+    # (a's output), int32 biases
+    assert {k: report.qdq_types[k] for k in ("int4", "int8", "int16")} == {"int4": 1, "int8": 2, "int16": 1}
+    assert report.qdq_types["uint16"] >= 1 and report.qdq_types["int32"] == 4
+    assert "Q/DQ mix" in str(report) and "int4 x1" in str(report)
     enc = load_encodings(res.encodings_path)
     by_site = {res.tensor_sites[t]: e.bitwidth for t, e in {**enc.activation_encodings, **enc.param_encodings}.items()}
     assert by_site == {k: v for k, v in bits(sim).items() if k in by_site}

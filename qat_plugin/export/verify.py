@@ -48,6 +48,8 @@ class VerifyReport:
     batch_sqnr_db: Optional[float] = None
     #: how far (dB) below the floor ORT vs reference may lie and still be "at the floor"
     floor_margin_db: float = 3.0
+    #: DequantizeLinear nodes per integer type (``{"int4": 12, "uint8": 60, ...}``): the bitwidth mix
+    qdq_types: dict = field(default_factory=dict)
 
     @property
     def floor_sqnr_db(self) -> Optional[float]:
@@ -82,6 +84,8 @@ class VerifyReport:
                 ("float Conv/Gemm/MatMul left", f"{self.float_compute_ops}"),
                 ("unfused Q/DQ (DQ feeding float ops)", f"{self.unfused_qdq}"),
                 ("file size", f"{self.file_bytes / 2**20:.2f} MiB"), ("ORT optimized graph ops", ops)]
+        if self.qdq_types:
+            rows.append(("Q/DQ mix (DequantizeLinear)", ", ".join(f"{k} x{v}" for k, v in sorted(self.qdq_types.items()))))
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
@@ -244,7 +248,22 @@ def verify(onnx_path: str, reference=None, inputs=None, batch_size: int = 64, th
         perturbed, batch = noise_floor(run, arrays, batch_size, ref, rel=floor_rel)
     counts, float_ops, unfused = optimized_graph_stats(onnx_path)
     return VerifyReport(len(out), max_diff, sqnr, top1, dict(counts), float_ops, unfused, os.path.getsize(onnx_path),
-                        perturbed, batch, floor_margin_db)
+                        perturbed, batch, floor_margin_db, qdq_mix(onnx_path))
+
+
+def qdq_mix(path: str) -> dict:
+    """DequantizeLinear nodes of a QDQ file per integer type read (``int4``, ``uint8``, ``int32``...)."""
+    graph = onnx.load(path).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    q_zero_point = {n.output[0]: n.input[2] for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    mix = Counter()
+    for n in graph.node:
+        if n.op_type == "DequantizeLinear":
+            src = n.input[0]
+            t = types.get(src) or (types.get(n.input[2]) if len(n.input) > 2 else None) \
+                or types.get(q_zero_point.get(src, "")) or onnx.TensorProto.UINT8
+            mix[onnx.TensorProto.DataType.Name(t).lower()] += 1
+    return dict(mix)
 
 
 def main(argv=None) -> int:
