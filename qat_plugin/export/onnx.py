@@ -149,7 +149,11 @@ def _torch_export(module: nn.Module, args: tuple, opset: int, dynamic_batch: boo
                   input_names, output_names) -> onnx.ModelProto:
     if dynamic_batch and all(isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 for a in args):
         args = tuple(torch.cat([a, a]) for a in args)  # a batch of 1 would be specialized away
-    dynamic = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
+    dynamic = None
+    if dynamic_batch:  # batch; and for token inputs (integer ids, masks) the sequence length too
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        dynamic = tuple(({0: batch, 1: seq} if not a.is_floating_point() and a.dim() >= 2 else {0: batch})
+                        if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
     with contextlib.redirect_stdout(io.StringIO()):
         program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
                                     custom_translation_table=_translation(opset) if quantized else None,
@@ -206,15 +210,17 @@ def _quantize_array(w: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int,
     return np.clip(q, qmin, qmax)
 
 
-def _rewrite(model: onnx.ModelProto, site_of_scale: dict[str, Any]) -> dict[str, str]:
+def _rewrite(model: onnx.ModelProto, site_of_scale: dict[str, Any], param_keys: frozenset = frozenset(),
+             int32_biases: frozenset = frozenset()) -> dict[str, str]:
     """Fold weight QuantizeLinear into integer initializers; int32 biases; 4-bit types.
 
-    ``site_of_scale`` maps a scale initializer name to ``(site key, Encoding)``. Returns
-    ONNX tensor name -> site key.
+    ``site_of_scale`` maps a scale initializer name to ``(site key, Encoding)``; every site in
+    ``param_keys`` must end as an integer initializer (else RuntimeError: a silent float weight
+    would be a wrong file). Returns ONNX tensor name -> site key.
     """
     g = _Graph(model)
     tensor_sites: dict[str, str] = {}
-    removed, retyped = [], set()
+    removed, retyped, converted = [], set(), set()
     for node in list(g.graph.node):
         if node.op_type != "QuantizeLinear":
             continue
@@ -246,14 +252,20 @@ def _rewrite(model: onnx.ModelProto, site_of_scale: dict[str, Any]) -> dict[str,
                 n.input[0] = qname
             removed.append(node)
             tensor_sites[x] = key
+            converted.add(key)
         else:
             tensor_sites.setdefault(x, key)
+    missing = sorted(set(param_keys) - converted)
+    if missing:
+        raise RuntimeError(f"export: weight site(s) {missing} did not become integer initializers (their "
+                           "QuantizeLinear no longer reads an initializer in the exported graph); this is a bug "
+                           "in qat_plugin's export, please report it with the model")
     for node in removed:
         g.graph.node.remove(node)
     keep = [v for v in g.graph.value_info if v.name not in retyped]  # their element type changed
     del g.graph.value_info[:]
     g.graph.value_info.extend(keep)
-    _int32_biases(g)
+    _int32_biases(g, int32_biases)
     _global_average_pools(g)
     g.drop_unused_initializers()
     _strip_metadata(model)
@@ -295,30 +307,45 @@ def _strip_metadata(model: onnx.ModelProto) -> None:
         del t.metadata_props[:]
 
 
-def _int32_biases(g: _Graph) -> None:
+def _int32_biases(g: _Graph, names: frozenset) -> None:
+    """The biases the simulation puts on the int32 grid (initializers named in ``names``: the
+    ``<module>.bias`` of layers with a bias grid), of Conv / Gemm and of MatMul + Add (a Linear on
+    a 3-D input), become int32 DequantizeLinear initializers with ``scale = input_scale *
+    weight_scale``. Other biases stay float, as in the simulation."""
     producer = {o: n for n in g.graph.node for o in n.output}
+
+    def dq_scale(name: str, through_transpose: bool = False) -> Optional[np.ndarray]:
+        node = producer.get(name)
+        if node is not None and through_transpose and node.op_type == "Transpose":
+            node = producer.get(node.input[0])
+        if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in g.inits:
+            return None
+        return g.array(node.input[1])
+
     for node in list(g.graph.node):
-        if node.op_type not in ("Conv", "Gemm", "ConvTranspose") or len(node.input) < 3 or node.input[2] not in g.inits:
+        if node.op_type in ("Conv", "Gemm", "ConvTranspose") and len(node.input) >= 3 and node.input[2] in g.inits:
+            s_in, s_w, slot = dq_scale(node.input[0]), dq_scale(node.input[1]), 2
+        elif node.op_type == "Add" and any(i in g.inits for i in node.input):
+            slot = 0 if node.input[0] in g.inits else 1
+            mm = producer.get(node.input[1 - slot])
+            if mm is None or mm.op_type != "MatMul" or len(mm.output) != 1 or g.uses(mm.output[0]) != 1:
+                continue
+            s_in, s_w = dq_scale(mm.input[0]), dq_scale(mm.input[1], through_transpose=True)
+        else:
             continue
-        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
-        if not dq_x or not dq_w or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
+        if node.input[slot] not in names or s_in is None or s_w is None or s_in.ndim:
             continue
-        if dq_x.input[1] not in g.inits or dq_w.input[1] not in g.inits:
-            continue
-        s_in, s_w = g.array(dq_x.input[1]), g.array(dq_w.input[1])
-        if s_in.ndim:
-            continue
-        bias = g.array(node.input[2]).astype(np.float32)
-        if node.op_type == "Gemm" and bias.ndim != 1:
+        bias = g.array(node.input[slot]).astype(np.float32)
+        if bias.ndim != 1 or (s_w.ndim and s_w.shape[0] != bias.shape[0]):
             continue
         bias_scale = (np.float32(s_in) * s_w.astype(np.float32)) * np.ones_like(bias, dtype=np.float32)
         q = np.clip(np.rint(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
-        qname = g.add_init(q, f"{node.input[2]}_quantized")
-        sname = g.add_init(bias_scale.astype(np.float32), f"{node.input[2]}_scale")
-        out = f"{node.input[2]}_dequantized"  # int32 zero point omitted: it defaults to 0
+        qname = g.add_init(q, f"{node.input[slot]}_quantized")
+        sname = g.add_init(bias_scale.astype(np.float32), f"{node.input[slot]}_scale")
+        out = f"{node.input[slot]}_dequantized_{node.name}"  # int32 zero point omitted: it defaults to 0
         dq = helper.make_node("DequantizeLinear", [qname, sname], [out], name=f"{node.name}_bias_dq", axis=0)
         g.graph.node.insert(list(g.graph.node).index(node), dq)
-        node.input[2] = out
+        node.input[slot] = out
 
 
 def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input: Any,
@@ -339,7 +366,11 @@ def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input:
         site = sim.plan.site(key)
         prefix = f"{site.module}.param_quantizers.weight" if site.module is not None else f"quantizers.{key}"
         site_of_scale[f"{prefix}.scale"] = (key, q.encoding)
-    tensor_sites = _rewrite(model, site_of_scale)
+    params = frozenset(k for k in sim.quantizers() if sim.plan.site(k).kind == "param" and sim.quantizers()[k].enabled)
+    int32 = frozenset(f"{sim.plan.site(k).module}.bias" for k in params
+                      if sim.plan.site(k).module is not None and sim.plan.site(k).bias_from is not None
+                      and sim.quantizers()[sim.plan.site(k).bias_from].enabled)
+    tensor_sites = _rewrite(model, site_of_scale, params, int32)
     model.producer_name = "qat_plugin"
     onnx.checker.check_model(model)
     onnx_path = os.path.join(os.fspath(path), f"{filename_prefix}.onnx")

@@ -221,13 +221,43 @@ class _Walk:
 
 
 def _is_masking(n: fx.Node, t: Optional[str], g: _PlanGraph, origins: dict[fx.Node, str]) -> bool:
-    """``masked_fill`` / ``where``, or an Add / Sub / Mul of an activation and a float mask."""
+    """Whether ``n`` prepares attention scores for Softmax, so its output is handed on in float
+    (no quantizer; the Softmax output is quantized): ``masked_fill`` / ``where``; an Add / Sub /
+    Mul of an activation and a float mask made from the inputs; the scale ``scores * 1/sqrt(d)``;
+    or an Add / Sub of a constant (Swin's relative position bias and shifted-window mask of
+    -100s), when the result only feeds a Softmax. Runtimes run these in float between the
+    MatMul's DequantizeLinear and the Softmax's QuantizeLinear, exactly as the simulation does
+    (a quantized Softmax input would let ONNX Runtime swap in QLinearSoftmax, whose lookup-table
+    arithmetic is not the float softmax: measured 9-LSB differences on a small ViT)."""
     if t in MASKING:
         return True
-    if t not in ("Add", "Sub", "Mul"):
+    if t not in ("Add", "Sub", "Mul", "Div"):
         return False
     ins = [a for a in _tensor_inputs(n) if a.meta.get("qat_kind") == "float"]
-    return any(origins.get(a) == MASK for a in ins) and any(origins.get(a) == ACTIVATION for a in ins)
+    if not any(origins.get(a) == ACTIVATION for a in ins):
+        return False
+    if t != "Div" and any(origins.get(a) == MASK for a in ins):
+        return True
+    if t in ("Mul", "Div") and len(_tensor_inputs(n)) == 1:  # attention's scale: scores * 1/sqrt(d)
+        return _feeds_softmax(n, g)
+    return t in ("Add", "Sub") and any(origins.get(a) == CONSTANT for a in ins) and _feeds_softmax(n, g)
+
+
+def _feeds_softmax(n: fx.Node, g: _PlanGraph) -> bool:
+    """Every path from ``n`` reaches a Softmax through reshapes and further Add / Sub only."""
+    users = [u for u in n.users if u.op != "output"]
+    if not users or len(users) != len(n.users):
+        return False
+    for u in users:
+        t = g.types.get(u)
+        if t == "Softmax":
+            continue
+        if t in VALUE_PRESERVING or t in ("Add", "Sub") or t in MASKING:
+            if not _feeds_softmax(u, g):
+                return False
+        else:
+            return False
+    return True
 
 
 def place_sites(g: _PlanGraph, config: RuntimeConfig, folds: dict[fx.Node, fx.Node],
@@ -277,6 +307,9 @@ def place_sites(g: _PlanGraph, config: RuntimeConfig, folds: dict[fx.Node, fx.No
             source[n] = None  # inside a fused group: the runtime never materializes it
             continue
         if t is None:
+            if origins[n] == CONSTANT:  # computed from parameters only: a runtime folds it to a constant
+                source[n] = None
+                continue
             walk.unsupported.append(f"{describe(n)} ({n.op} '{n.name}')")
             float_site(n, kind)
             continue

@@ -98,7 +98,7 @@ def capture(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (), *, example_
                 if leaf_modules:
                     raise
                 gm = None
-            if gm is not None and not opaque_modules(gm, leaf_names_of(model, leaf_modules)):
+            if gm is not None and not opaque_ops(gm, leaf_names_of(model, leaf_modules)):
                 return gm
         if example_args is None:
             raise ValueError("capture(method='export') needs example_args")
@@ -110,14 +110,31 @@ def capture(model: nn.Module, leaf_modules: Sequence[LeafSpec] = (), *, example_
     return _fx_capture(model, leaf_modules)
 
 
-def opaque_modules(gm: fx.GraphModule, leaf_names: frozenset[str] = frozenset()) -> list[str]:
-    """Modules fx kept as black boxes that hold parameters the planner cannot see into (e.g.
-    ``nn.MultiheadAttention``), other than the user's own ``leaf_modules``."""
+def opaque_ops(gm: fx.GraphModule, leaf_names: frozenset[str] = frozenset()) -> list[str]:
+    """What fx kept as black boxes computing with parameters the planner cannot see into: modules
+    such as ``nn.MultiheadAttention``, and functions wrapped with ``torch.fx.wrap`` that take a
+    parameter (torchvision's ``shifted_window_attention``). The user's ``leaf_modules`` are not."""
     from .patterns import op_type_of
 
     modules = dict(gm.named_modules())
-    return [str(n.target) for n in gm.graph.nodes if n.op == "call_module" and n.target not in leaf_names
-            and op_type_of(n, modules) is None and any(True for _ in modules[n.target].parameters())]
+    found = []
+    for n in gm.graph.nodes:
+        if n.op not in ("call_module", "call_function") or n.target in leaf_names or op_type_of(n, modules) is not None:
+            continue
+        if n.op == "call_module":
+            holds = any(True for _ in modules[n.target].parameters())
+        else:
+            params = []
+            fx.node.map_arg((n.args, n.kwargs), lambda a: params.append(a) if a.op == "get_attr" else None)
+            holds = any(isinstance(_attr(gm, a.target), nn.Parameter) for a in params)
+        if holds:
+            found.append(str(n.target))
+    return found
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
 
 
 def _fx_capture(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> fx.GraphModule:
