@@ -114,3 +114,94 @@ def test_bad_bn_folding():
     from qat_plugin import QuantConfigError, QuantSimModel
     with pytest.raises(QuantConfigError, match="Did you mean 'simulated'"):
         QuantSimModel(_conv_bn_model(), torch.randn(2, 3, 9, 9), bn_folding="simulate")
+
+
+# ---- the cases where BatchNorm is NOT folded: it stays a float BN, between quantizers -------
+
+class _TwoUsers(nn.Module):
+    """The conv's output feeds the BN and a second op: folding would change the second user."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _ReusedConv(nn.Module):
+    """One conv module called twice, once before a BN: its weight serves both calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.conv(self.bn(self.conv(x)))
+
+
+class _ReusedBn(nn.Module):
+    """One BN module after two convs: it cannot be folded into both."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.bn(self.b(x))
+
+
+class _ChannelMismatch(nn.Module):
+    """BatchNorm1d over the conv's flattened (channel x width) features, not its channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(2, 3, 1), nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.bn(self.conv(x).flatten(1))
+
+
+NOT_FOLDED = {
+    "conv with two users": (_TwoUsers, (2, 3, 6, 6)),
+    "reused conv": (_ReusedConv, (2, 4, 6, 6)),
+    "reused bn": (_ReusedBn, (2, 3, 6, 6)),
+    "bn without running stats": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
+                                 (4, 3, 6, 6)),
+    "channel mismatch": (_ChannelMismatch, (4, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_FOLDED))
+def test_batch_norm_that_cannot_be_folded_stays_float_and_exact(case):
+    """Each tiny graph keeps its BatchNorm (no fold in the plan, a BN module left in the sim) and,
+    with quantizers bypassed, the simulation is still the float model; with quantizers on, a
+    quantizer follows the BN (its output is a value-changing op's output)."""
+    from qat_plugin import QuantSimModel
+
+    make, shape = NOT_FOLDED[case]
+    model = randomize_bn(make()).eval()
+    x = torch.randn(shape)
+    sim = calibrate(QuantSimModel(model, x, quant_scheme="tf"), x)
+    assert sim.plan.bn_folds == ()
+    bns = [m for m in sim.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 1
+    with torch.no_grad():
+        quantized = sim.model(x)
+        for q in sim.quantizers().values():
+            q.enabled = False
+        torch.testing.assert_close(sim.model(x), model(x), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(quantized, model(x))  # the quantizers were really on
+    assert any(s.op == "BatchNormalization" for s in sim.quantizer_sites()), sim.quantizer_sites()
+
+
+def test_batch_norm_is_folded_when_the_same_graph_allows_it():
+    """Control for the cases above: conv -> BN with one user, each module called once."""
+    from qat_plugin import QuantSimModel
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).eval()
+    x = torch.randn(4, 3, 6, 6)
+    sim = calibrate(QuantSimModel(model, x, quant_scheme="tf"), x)
+    assert len(sim.plan.bn_folds) == 1
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in sim.model.modules())
