@@ -24,8 +24,9 @@ neither the encodings nor the schedule.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -62,6 +63,24 @@ class AnnealingConfig:
             raise QuantConfigError("need every_n_steps >= 1 and 1 <= stat_batches <= every_n_steps, got "
                                    f"{self.every_n_steps}, {self.stat_batches}")
 
+    @classmethod
+    def for_run(cls, total_steps: int, updates: int = 20, **overrides) -> "AnnealingConfig":
+        """The window the callback uses by default: the whole run of ``total_steps`` applied
+        optimizer steps, with about ``updates`` updates (``every_n_steps = round(total / updates)``).
+
+        >>> cfg = AnnealingConfig.for_run(92)
+        >>> cfg.end_step, cfg.every_n_steps, cfg.stat_batches
+        (92, 5, 2)
+        >>> AnnealingConfig.for_run(3).every_n_steps
+        1
+        """
+        if total_steps < 1 or updates < 1:
+            raise QuantConfigError(f"need total_steps >= 1 and updates >= 1, got {total_steps}, {updates}")
+        every = max(1, round(total_steps / updates))
+        fields = dict(start_step=0, end_step=int(total_steps), every_n_steps=every, stat_batches=min(2, every))
+        fields.update(overrides)
+        return cls(**fields)
+
     def alpha(self, t: int) -> float:
         u = min(max((t - self.start_step) / (self.end_step - self.start_step), 0.0), 1.0)
         decay = 0.5 * (1 + math.cos(math.pi * u)) if self.schedule == "cosine" else 1.0 - u
@@ -79,6 +98,18 @@ class AnnealingConfig:
         return until_update < self.stat_batches
 
 
+class _TrainingMonitor:
+    """Shows an observer what a quantizer sees in training mode only: validation passes between
+    training batches (``model.eval()``) do not feed the annealing statistics."""
+
+    def __init__(self, quantizer, observer):
+        self.quantizer, self.observer = quantizer, observer
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.quantizer.training:
+            self.observer.observe(x)
+
+
 class EncodingAnnealer:
     """Drives :class:`AnnealingConfig` over a :class:`~qat_plugin.QuantSimModel`.
 
@@ -90,15 +121,25 @@ class EncodingAnnealer:
             loss = criterion(sim.model(x), y); loss.backward()
             applied = amp.step(optimizer)          # False when the scaler skipped the step
             metrics = annealer.after_step(applied)  # {"alpha": ..., "sqnr_db/<site>": ...} on updates
+
+    Statistics come from training-mode forward passes only. NaN/Inf activations are left out of
+    them and counted per site in ``nonfinite`` (with one warning), instead of stopping training.
+    ``state_dict()`` holds the schedule and the statistics gathered so far in an unfinished
+    window, so a run resumed from it continues exactly as an uninterrupted one.
     """
 
-    def __init__(self, sim, config: Optional[AnnealingConfig] = None):
+    def __init__(self, sim, config: Optional[AnnealingConfig] = None, *,
+                 freeze_ranges_fn: Optional[Callable[[], None]] = None):
         self.sim = sim
         self.config = config if config is not None else AnnealingConfig()
+        # how learned ranges stop at the window's end (the Lightning callback pins them under DDP)
+        self.freeze_ranges_fn = freeze_ranges_fn or self._freeze_quantizers
         self.step = 0
         self.updates = 0
         self.frozen = False
-        self._monitoring = False
+        self.nonfinite: Dict[str, int] = {}
+        self._observers: Dict[str, HistogramObserver] = {}  # the statistics window in progress
+        self._restored: Optional[Dict[str, dict]] = None  # a checkpoint's unfinished window
 
     def _activation_quantizers(self):
         return {k: q for k, q in self.sim.quantizers().items()
@@ -112,12 +153,17 @@ class EncodingAnnealer:
     def before_batch(self) -> None:
         """Attach or detach the statistics monitors for the coming batch."""
         want = not self.frozen and self.config.is_monitored_step(self.step + 1)
-        if want and not self._monitoring:
+        if want and not self._observers:
+            restored, self._restored = self._restored or {}, None
             for key, q in self._activation_quantizers().items():
-                q.start_monitoring(HistogramObserver(num_bins=512, name=key))
-        elif not want and self._monitoring:
+                obs = HistogramObserver(num_bins=512, name=key, count_nonfinite=True)
+                if key in restored:
+                    obs.load_state_dict(restored[key])
+                self._observers[key] = obs
+                q.start_monitoring(_TrainingMonitor(q, obs))
+        elif not want:
+            self._restored = None
             self._stop_monitors()
-        self._monitoring = want
 
     def after_step(self, applied: bool = True) -> dict:
         """Advance the schedule by one applied optimizer step; update encodings when due."""
@@ -137,14 +183,14 @@ class EncodingAnnealer:
         """Blend every quantizer toward its SQNR-optimal encoding with weight ``alpha``."""
         metrics: dict = {"alpha": alpha}
         observers = self._stop_monitors()
-        self._monitoring = False
         quantizers = self.sim.quantizers()
+        bad = {}
         for key, obs in observers.items():
-            q = quantizers[key]
-            if obs is None or not obs.has_data():
-                continue
-            all_reduce_observer(obs)
-            metrics[f"sqnr_db/{key}"] = self._blend(q, obs.hist, alpha)
+            all_reduce_observer(obs)  # every rank takes part, with or without data
+            if obs.nonfinite:
+                bad[key] = obs.nonfinite
+            if obs.has_data():
+                metrics[f"sqnr_db/{key}"] = self._blend(quantizers[key], obs.hist, alpha)
         if self.config.include_weights:
             for key, q in self._param_quantizers().items():
                 obs = HistogramObserver(num_bins=256, axis=q.axis, name=key)
@@ -154,6 +200,15 @@ class EncodingAnnealer:
         dbs = {k: v for k, v in metrics.items() if k.startswith("sqnr_db/")}
         if dbs:
             metrics["sqnr_db_min"] = min(dbs.values())
+        if bad:
+            if not self.nonfinite:
+                warnings.warn(f"SQNR annealing: NaN/Inf activations at {sorted(bad)} (counts {bad}); they are left "
+                              "out of the statistics and counted in EncodingAnnealer.nonfinite. Check the model's "
+                              "numerics (learning rate, loss scale) upstream of these sites.", RuntimeWarning,
+                              stacklevel=2)
+            for key, n in bad.items():
+                self.nonfinite[key] = self.nonfinite.get(key, 0) + n
+            metrics["nonfinite"] = sum(bad.values())
         return metrics
 
     @staticmethod
@@ -172,21 +227,34 @@ class EncodingAnnealer:
     def freeze(self) -> None:
         """No more updates; learned ranges stop learning if ``freeze_ranges``."""
         self._stop_monitors()
-        self._monitoring = False
+        self._restored = None
         self.frozen = True
         if self.config.freeze_ranges:
-            for q in self.sim.quantizers().values():
-                q.freeze()
+            self.freeze_ranges_fn()
 
-    def _stop_monitors(self) -> dict:
-        return {k: q.stop_monitoring() for k, q in self.sim.quantizers().items() if q._monitor is not None}
+    def _freeze_quantizers(self) -> None:
+        for q in self.sim.quantizers().values():
+            q.freeze()
+
+    def _stop_monitors(self) -> Dict[str, HistogramObserver]:
+        observers, self._observers = self._observers, {}
+        quantizers = self.sim.quantizers()
+        for key in observers:
+            quantizers[key].stop_monitoring()
+        return observers
 
     # ---- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "updates": self.updates, "frozen": self.frozen, "config": asdict(self.config)}
+        """Plain values and tensors (``torch.load(weights_only=True)`` reads them back)."""
+        window = {k: obs.state_dict() for k, obs in self._observers.items()} if self._observers else self._restored
+        return {"step": self.step, "updates": self.updates, "frozen": self.frozen, "config": asdict(self.config),
+                "nonfinite": dict(self.nonfinite), "window": window}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.updates = int(state["step"]), int(state["updates"])
+        self.nonfinite = dict(state.get("nonfinite", {}))
+        self._stop_monitors()
+        self._restored = state.get("window")
         if state["frozen"] and not self.frozen:
             self.freeze()
         self.frozen = bool(state["frozen"])

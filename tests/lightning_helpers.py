@@ -60,6 +60,42 @@ def loaders(batch_size=64, seed=0):
     return train, val
 
 
+def ordered_loaders(n_batches=2, batch_size=16):
+    """A training loader of ``n_batches`` fixed batches in a fixed order (no shuffling, so that a
+    run resumed at an epoch boundary sees the batches an uninterrupted run sees), and a val loader."""
+    x, y, xv, yv = digits_tensors(image_size=8, channels=1, seed=0)
+    n = n_batches * batch_size
+    return (DataLoader(TensorDataset(x[:n], y[:n]), batch_size=batch_size),
+            DataLoader(TensorDataset(xv[:64], yv[:64]), batch_size=64))
+
+
+def shard_loader(rank, batch_size, n_batches):
+    """Rank ``rank``'s contiguous shard of the training digits, in order (for 2-rank DDP)."""
+    x, y, _, _ = digits_tensors(image_size=8, channels=1, seed=0)
+    n = batch_size * n_batches
+    return DataLoader(TensorDataset(x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]), batch_size=batch_size)
+
+
+def concatenated_loader(batch_size, n_batches, ranks=2, micro_batches=False):
+    """The batches the ranks of :func:`shard_loader` see together: step i is rank 0's batch i
+    followed by rank 1's. ``micro_batches=True``: as ``ranks`` loader batches per step (for
+    ``accumulate_grad_batches=ranks``), otherwise one concatenated batch per step."""
+    x, y, _, _ = digits_tensors(image_size=8, channels=1, seed=0)
+    n = batch_size * n_batches
+    idx = torch.cat([torch.arange(r * n + i * batch_size, r * n + (i + 1) * batch_size)
+                     for i in range(n_batches) for r in range(ranks)])
+    return DataLoader(TensorDataset(x[idx], y[idx]), batch_size=batch_size if micro_batches else batch_size * ranks)
+
+
+def encodings(sim):
+    """``{site: (scale, offset)}`` copies of every quantizer's live parameters."""
+    return {k: (q.scale.detach().clone(), q.offset.detach().clone()) for k, q in sim.quantizers().items()}
+
+
+def same_encodings(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a)
+
+
 def trainer(tmp_path, max_steps, callbacks, **kwargs):
     kwargs.setdefault("logger", False)
     kwargs.setdefault("enable_checkpointing", False)

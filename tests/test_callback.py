@@ -1,6 +1,5 @@
-"""The Lightning callback: fit, annealing, resume, AMP with loss scaling, logging, errors."""
+"""The Lightning callback: fit, annealing, resume, AMP with loss scaling, logging, defaults, errors."""
 import glob
-import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -11,18 +10,11 @@ from qat_plugin.annealing import AnnealingConfig
 from qat_plugin.callbacks import QuantizationAwareTraining
 from qat_plugin.errors import QuantConfigError
 from qat_plugin.precision import fp16_mixed_precision
-from lightning_helpers import DigitsModule, loaders, trainer
+from lightning_helpers import DigitsModule, encodings, loaders, trainer
+from lightning_helpers import same_encodings as same
 
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*LeafSpec.*")
-
-
-def encodings(sim):
-    return {k: (q.scale.detach().clone(), q.offset.detach().clone()) for k, q in sim.quantizers().items()}
-
-
-def same(a, b):
-    return all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a)
+pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+              pytest.mark.filterwarnings("ignore:.*LeafSpec.*")]
 
 
 class Probe(pl.Callback):
@@ -57,7 +49,8 @@ def test_fit_quantizes_calibrates_and_validates_through_the_simulation(tmp_path)
 def test_optimizer_holds_learnable_ranges(tmp_path):
     train, val = loaders()
     module = DigitsModule()
-    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, learn_ranges=True, freeze_ranges_step=5)
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, learn_ranges=True, freeze_ranges_step=5,
+                                    annealing=False)
     t = trainer(tmp_path, 8, [qat])
     probe = Probe(qat)
     t.callbacks.append(probe)
@@ -186,6 +179,8 @@ def test_validate_from_checkpoint_rebuilds_structure(tmp_path):
     ({"default_param_bw": 1}, "default_param_bw"),
     ({"bn_folding": "simulate"}, "Did you mean 'simulated'"),
     ({"param_quant_scheme": "percentile"}, "weights take tf or tf_enhanced"),
+    ({"log_every_n_steps": 0}, "log_every_n_steps must be an int >= 1"),
+    ({"log_every_n_steps": 2.5}, "log_every_n_steps must be an int >= 1"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(QuantConfigError, match=match):
@@ -247,3 +242,63 @@ def test_freeze_bn_step_stops_statistics(tmp_path):
     assert qat.bn_frozen and qat.state_dict()["bn_frozen"] is True
     with pytest.raises(QuantConfigError, match="bn_folding='simulated'"):
         QuantizationAwareTraining(freeze_bn_step=3)
+
+
+def test_plain_dataloaders_need_no_example_input(tmp_path):
+    """Given a module without example_input_array and plain loaders passed to fit, the callback
+    traces with the first training samples, and reading them moves no random number generator:
+    the shuffled training order is the one the same loader gives without the callback."""
+    seen = {}
+
+    class FirstBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault(trainer.lightning_module, batch[0].clone())
+
+    def fit(callbacks):
+        train, val = loaders(batch_size=32)
+        module = DigitsModule()
+        module.example_input_array = None
+        trainer(tmp_path, 2, callbacks + [FirstBatch()]).fit(module, train, val)
+        return module
+
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, annealing=False)
+    with_qat, without = fit([qat]), fit([])
+    assert with_qat.net is qat.sim.model and all(q.is_initialized() for q in qat.sim.quantizers().values())
+    assert torch.equal(seen[with_qat], seen[without])
+
+
+class _Metrics(pl.loggers.Logger):
+    """Keeps every logged metric as (step, value) lists."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics = {}
+
+    name, version = "metrics", 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        for k, v in metrics.items():
+            self.metrics.setdefault(k, []).append((step, float(v)))
+
+
+def test_default_anneals_over_the_run_logs_sqnr_and_resume_keeps_the_window(tmp_path):
+    """QuantizationAwareTraining() anneals over the whole run (AnnealingConfig.for_run) and logs
+    qat/alpha and per-site SQNR; a resumed, longer run keeps the window its checkpoint holds."""
+    train, val = loaders()
+    log = _Metrics()
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "c"), save_last=True)
+    trainer(tmp_path, 10, [qat, ckpt], logger=log, enable_checkpointing=True).fit(DigitsModule(), train, val)
+    cfg = AnnealingConfig.for_run(10)
+    assert qat.annealer.config == cfg and (cfg.end_step, cfg.every_n_steps) == (10, 1)
+    assert qat.annealer.updates == 10 and qat.annealer.frozen
+    assert [v for _, v in log.metrics["qat/alpha"]] == pytest.approx([cfg.alpha(t) for t in range(1, 11)])
+    sites = {k for k in log.metrics if k.startswith("qat/sqnr_db/")}
+    assert "qat/sqnr_db/x_input" in sites and len(sites) == len(qat.annealer._activation_quantizers())
+
+    qat2 = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2)
+    trainer(tmp_path, 14, [qat2]).fit(DigitsModule(), train, val, ckpt_path=str(tmp_path / "c" / "last.ckpt"))
+    assert qat2.annealer.config == cfg and qat2.annealer.updates == 10 and qat2.applied_steps == 14

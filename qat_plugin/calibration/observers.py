@@ -21,25 +21,37 @@ def _channels_first(x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
-def _check_finite(x: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
+def _finite_part(observer, x2: torch.Tensor) -> torch.Tensor:
+    """``x2`` (``(C, N)``) if finite. Otherwise raise :class:`CalibrationError` (calibration), or,
+    for an observer made with ``count_nonfinite=True`` (monitors during training), add the count
+    to ``observer.nonfinite`` and keep the columns (samples) that are finite in every channel."""
+    finite = torch.isfinite(x2)
+    if bool(finite.all()):
+        return x2
+    bad = int((~finite).sum())
+    if not observer.count_nonfinite:
         raise CalibrationError(
-            f"quantizer site '{name}' saw {bad} NaN/Inf value(s) during calibration: check the "
+            f"quantizer site '{observer.name}' saw {bad} NaN/Inf value(s) during calibration: check the "
             "calibration data and the model's numerics upstream of this site")
+    observer.nonfinite += bad
+    return x2[:, finite.all(0)]
 
 
 class MinMaxObserver:
-    """Running min and max (per tensor, or per channel along ``axis``)."""
+    """Running min and max (per tensor, or per channel along ``axis``).
 
-    def __init__(self, axis: Optional[int] = None, name: str = ""):
+    ``count_nonfinite=True``: NaN/Inf values are counted in ``nonfinite`` and left out instead of
+    raising :class:`~qat_plugin.errors.CalibrationError`.
+    """
+
+    def __init__(self, axis: Optional[int] = None, name: str = "", count_nonfinite: bool = False):
         self.axis, self.name = axis, name
+        self.count_nonfinite, self.nonfinite = count_nonfinite, 0
         self.min: Optional[torch.Tensor] = None
         self.max: Optional[torch.Tensor] = None
 
     def observe(self, x: torch.Tensor) -> None:
-        x2 = _channels_first(x, self.axis)
-        _check_finite(x2, self.name)
+        x2 = _finite_part(self, _channels_first(x, self.axis))
         if x2.numel() == 0:
             return
         lo, hi = torch.aminmax(x2, dim=1)
@@ -48,6 +60,12 @@ class MinMaxObserver:
 
     def has_data(self) -> bool:
         return self.min is not None
+
+    def state_dict(self) -> dict:
+        return {"min": self.min, "max": self.max, "nonfinite": self.nonfinite}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.min, self.max, self.nonfinite = state["min"], state["max"], int(state["nonfinite"])
 
 
 @dataclass
@@ -92,16 +110,23 @@ class HistogramObserver:
     """Histogram of the values seen, with a range that grows to hold every value.
 
     When a batch falls outside the current range, the histogram is re-binned over the union
-    (counts spread uniformly inside old bins), then the batch is added.
+    (counts spread uniformly inside old bins), then the batch is added. ``count_nonfinite``: as
+    in :class:`MinMaxObserver`.
+
+    >>> obs = HistogramObserver(num_bins=4, count_nonfinite=True)
+    >>> obs.observe(torch.tensor([0.0, 1.0, float("nan"), 3.0, 4.0]))
+    >>> obs.nonfinite, obs.hist.counts.tolist()
+    (1, [[1.0, 1.0, 0.0, 2.0]])
     """
 
-    def __init__(self, num_bins: int = 512, axis: Optional[int] = None, name: str = ""):
+    def __init__(self, num_bins: int = 512, axis: Optional[int] = None, name: str = "",
+                 count_nonfinite: bool = False):
         self.num_bins, self.axis, self.name = num_bins, axis, name
+        self.count_nonfinite, self.nonfinite = count_nonfinite, 0
         self.hist: Optional[Histogram] = None
 
     def observe(self, x: torch.Tensor) -> None:
-        x2 = _channels_first(x, self.axis)
-        _check_finite(x2, self.name)
+        x2 = _finite_part(self, _channels_first(x, self.axis))
         if x2.numel() == 0:
             return
         bmin, bmax = torch.aminmax(x2, dim=1)
@@ -128,6 +153,16 @@ class HistogramObserver:
     def has_data(self) -> bool:
         return self.hist is not None
 
+    def state_dict(self) -> dict:
+        """Plain values and tensors (loads with ``torch.load(weights_only=True)``)."""
+        h = self.hist
+        return {"counts": None if h is None else h.counts, "lo": None if h is None else h.lo,
+                "hi": None if h is None else h.hi, "nonfinite": self.nonfinite}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.hist = None if state["counts"] is None else Histogram(state["counts"], state["lo"], state["hi"])
+        self.nonfinite = int(state["nonfinite"])
+
 
 def _world():
     import torch.distributed as dist
@@ -137,32 +172,53 @@ def _world():
     return None
 
 
+def _collective_device(dist) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_observer(observer) -> None:
     """Merge an observer's statistics across DDP ranks, in place, so that every rank ends with
     identical statistics (and so bit-identical encodings). A no-op without a process group.
 
     Min-max: all-reduce MIN / MAX. Histogram: all-reduce the range (MIN / MAX), re-bin every
     rank's counts onto the common range, then all-reduce SUM. A rank that saw no data takes part
-    with an empty histogram.
+    with empty statistics (so no rank waits forever); when no rank saw data, the observer stays
+    empty on every rank. The non-finite counts are summed. Every rank must call this for the
+    same observers in the same order.
     """
     dist = _world()
     if dist is None:
         return
+    mine = observer.min if isinstance(observer, MinMaxObserver) else (observer.hist.lo if observer.hist else None)
+    device = mine.device if mine is not None else _collective_device(dist)
+    # channel count (0 on a rank without data) and non-finite count, in one collective
+    head = torch.tensor([0 if mine is None else mine.numel(), observer.nonfinite], dtype=torch.float64, device=device)
+    sums = head.clone()
+    dist.all_reduce(head, op=dist.ReduceOp.MAX)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    channels, observer.nonfinite = int(head[0]), int(sums[1])
+    if channels == 0:
+        return  # no rank saw data
+    if mine is not None and mine.numel() != channels:
+        raise RuntimeError(f"quantizer site '{observer.name}': ranks disagree on the channel count "
+                           f"({mine.numel()} here, {channels} elsewhere)")
     if isinstance(observer, MinMaxObserver):
-        lo, hi = observer.min, observer.max
-        if lo is None:
-            raise RuntimeError(f"quantizer site '{observer.name}': cannot merge statistics of a rank that saw "
-                               "no data (give every rank calibration batches)")
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        if observer.min is None:
+            observer.min = torch.full((channels,), float("inf"), device=device)
+            observer.max = torch.full((channels,), float("-inf"), device=device)
+        dist.all_reduce(observer.min, op=dist.ReduceOp.MIN)
+        dist.all_reduce(observer.max, op=dist.ReduceOp.MAX)
         return
     h = observer.hist
     if h is None:
-        raise RuntimeError(f"quantizer site '{observer.name}': cannot merge statistics of a rank that saw no "
-                           "data (give every rank calibration batches)")
+        inf = torch.full((channels,), float("inf"), dtype=torch.float64, device=device)
+        h = Histogram(torch.zeros(channels, observer.num_bins, dtype=torch.float64, device=device), inf, -inf)
     lo, hi = h.lo.clone(), h.hi.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    merged = rebin(h, lo, hi) if not (torch.equal(lo, h.lo) and torch.equal(hi, h.hi)) else Histogram(h.counts.clone(), lo, hi)
+    if observer.hist is None or (torch.equal(lo, h.lo) and torch.equal(hi, h.hi)):
+        merged = Histogram(h.counts.clone(), lo, hi)
+    else:
+        merged = rebin(h, lo, hi)
     dist.all_reduce(merged.counts, op=dist.ReduceOp.SUM)
     observer.hist = merged

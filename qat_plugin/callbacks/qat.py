@@ -15,9 +15,11 @@ The callback's own state is plain values; encodings live in the model's ``state_
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 from pytorch_lightning import Callback, LightningModule, Trainer
 
 from ..annealing import AnnealingConfig, EncodingAnnealer
@@ -42,6 +44,60 @@ def _default_input(batch: Any) -> Any:
                      "QuantizationAwareTraining")
 
 
+def _fit_train_loader(trainer: Trainer) -> Optional[Any]:
+    """The training loader given to ``trainer.fit(module, train_dataloaders)``.
+
+    ``setup`` runs before Lightning builds ``trainer.train_dataloader``, and Lightning has no
+    public accessor for the loader given to ``fit`` before then, so this reads the fit loop's
+    data source; ``None`` where that is not there (the caller then asks for ``dummy_input=``).
+    """
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    if source is None or not callable(getattr(source, "is_defined", None)) or not source.is_defined():
+        return None
+    try:
+        loader = source.dataloader()
+    except Exception:  # a LightningModule without train_dataloader(): nothing to read
+        return None
+    return loader if isinstance(loader, DataLoader) or hasattr(loader, "__iter__") else None
+
+
+@contextlib.contextmanager
+def rng_preserved(loader: Any):
+    """Restore the global CPU random number generator and ``loader``'s own generator(s) on exit,
+    so that reading batches (tracing, calibration) leaves the training run's data order and
+    randomness as they would be without the callback."""
+    generators = [g for g in (getattr(loader, "generator", None),
+                              getattr(getattr(loader, "sampler", None), "generator", None)) if g is not None]
+    states = [g.get_state() for g in generators]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for g, state in zip(generators, states):
+            g.set_state(state)
+
+
+def first_batch(loader: Any) -> Any:
+    """The first batch of ``loader`` (its first ``min(2, len)`` samples, collated, for a map-style
+    ``DataLoader``, so that no sampler is drawn), with :func:`rng_preserved`.
+
+    >>> from torch.utils.data import TensorDataset
+    >>> g = torch.Generator().manual_seed(0)
+    >>> loader = DataLoader(TensorDataset(torch.arange(6.0)), batch_size=4, shuffle=True, generator=g)
+    >>> first_batch(loader)
+    [tensor([0., 1.])]
+    >>> torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+    True
+    """
+    with rng_preserved(loader):
+        dataset = getattr(loader, "dataset", None)
+        collate = getattr(loader, "collate_fn", None)
+        if (isinstance(loader, DataLoader) and collate is not None and not isinstance(dataset, IterableDataset)
+                and hasattr(dataset, "__len__") and len(dataset) > 0):
+            return collate([dataset[i] for i in range(min(2, len(dataset)))])
+        return next(iter(loader))
+
+
 class QuantizationAwareTraining(Callback):
     """Quantization-aware fine-tuning of a LightningModule's network.
 
@@ -50,11 +106,16 @@ class QuantizationAwareTraining(Callback):
             leaf_modules: as in :class:`~qat_plugin.QuantSimModel`.
         module_name: the attribute (dotted path) of the LightningModule holding the network
             to quantize. Default: its only child module with parameters.
-        dummy_input: an input for tracing; default ``example_input_array`` or a datamodule batch.
+        dummy_input: an input for tracing; default ``example_input_array``, else the model input
+            of the first training batch (the loader passed to ``fit``, the datamodule's, or
+            ``calibration_dataloader``), read without moving any random number generator.
         calibration_batches: training batches used to calibrate at the start of fit.
         calibration_dataloader: calibrate on this instead of the training data.
-        annealing: ``True``, an :class:`~qat_plugin.annealing.AnnealingConfig` or its fields as a
-            dict to anneal encodings toward SQNR-optimal ones; ``None``/``False`` for none.
+        annealing: SQNR encoding annealing (:mod:`qat_plugin.annealing`). ``True`` (default): over
+            the whole run, ``AnnealingConfig.for_run(trainer.estimated_stepping_batches)`` (about 20
+            updates; a resumed run keeps the window saved in its checkpoint). An
+            :class:`~qat_plugin.annealing.AnnealingConfig` or its fields as a dict: that window.
+            ``None``/``False``: none.
         learn_ranges: give scale/offset gradients (LSQ-style).
         freeze_ranges_step: stop learning ranges after this many applied optimizer steps.
         bn_folding: ``"static"`` (BN folded into the weights at setup, statistics frozen) or
@@ -63,14 +124,21 @@ class QuantizationAwareTraining(Callback):
             (``bn_folding="simulated"``).
         export_dir, export_prefix: export ONNX + encodings there at the end of fit.
         input_fn: picks the model input out of a batch (default: tensor, ``batch[0]`` or ``batch["x"]``).
-        log_every_n_steps: how often the loss scale and encodings are logged.
+        log_every_n_steps: how often (in applied optimizer steps) the loss scale and encodings are
+            logged; annealing updates log ``qat/alpha`` and ``qat/sqnr_db/<site>`` when they happen.
+
+    Example::
+
+        qat = QuantizationAwareTraining(export_dir="out")   # W8A8, SQNR annealing over the run
+        trainer = pl.Trainer(max_epochs=2, callbacks=[qat])
+        trainer.fit(lightning_module, train_loader, val_loader)   # plain loaders are enough
     """
 
     def __init__(self, quant_scheme: str = "tf_enhanced", default_param_bw: int = 8, default_output_bw: int = 8,
                  config_file: Any = None, module_name: Optional[str] = None, dummy_input: Any = None,
                  leaf_modules: Sequence = (), calibration_batches: int = 16,
                  calibration_dataloader: Optional[Any] = None,
-                 annealing: Union[None, bool, dict, AnnealingConfig] = None, learn_ranges: bool = False,
+                 annealing: Union[None, bool, dict, AnnealingConfig] = True, learn_ranges: bool = False,
                  freeze_ranges_step: Optional[int] = None, bn_folding: str = "static",
                  freeze_bn_step: Optional[int] = None, export_dir: Optional[str] = None,
                  export_prefix: str = "model", input_fn: Optional[Callable[[Any], Any]] = None,
@@ -78,9 +146,12 @@ class QuantizationAwareTraining(Callback):
         param_scheme_for(quant_scheme, param_quant_scheme)
         if calibration_batches < 1:
             raise QuantConfigError(f"calibration_batches must be >= 1, got {calibration_batches}")
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise QuantConfigError(f"log_every_n_steps must be an int >= 1, got {log_every_n_steps!r}")
         _check_bitwidth("default_param_bw", default_param_bw)
         _check_bitwidth("default_output_bw", default_output_bw)
         check_bn_folding(bn_folding)
+        self.auto_annealing = annealing is True  # window set from the run's length at train start
         if annealing is True:
             annealing = AnnealingConfig()
         elif isinstance(annealing, dict):
@@ -119,6 +190,9 @@ class QuantizationAwareTraining(Callback):
         self._scale_before: Optional[float] = None
         self._stepping = False
         self._pending_state: Optional[dict] = None
+        self._window_restored = False
+        self._ddp_wrapped = False
+        self._pinned: list = []
         self._bypassed: list = []
 
     @property
@@ -136,7 +210,7 @@ class QuantizationAwareTraining(Callback):
         parent, _, attr = name.rpartition(".")
         setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, self.sim.model)
         if self.annealing is not None:
-            self.annealer = EncodingAnnealer(self.sim, self.annealing)
+            self.annealer = EncodingAnnealer(self.sim, self.annealing, freeze_ranges_fn=self.freeze_ranges)
         self._bypass()
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
@@ -165,10 +239,13 @@ class QuantizationAwareTraining(Callback):
         loader = self.calibration_dataloader
         if loader is None and trainer.datamodule is not None:
             loader = trainer.datamodule.train_dataloader()
+        if loader is None:
+            loader = _fit_train_loader(trainer)
         if loader is not None:
-            return self.input_fn(next(iter(loader)))
-        raise QuantConfigError("QuantizationAwareTraining needs an input to trace the network: set "
-                               "dummy_input=, the LightningModule's example_input_array, or use a datamodule")
+            return self.input_fn(first_batch(loader))
+        raise QuantConfigError("QuantizationAwareTraining needs an input to trace the network: set dummy_input=, "
+                               "the LightningModule's example_input_array, or pass a training loader or "
+                               "datamodule to trainer.fit")
 
     # ---- calibration -------------------------------------------------------------------------
     # Until calibrated (or restored from a checkpoint), the quantizers are bypassed, so that
@@ -195,8 +272,18 @@ class QuantizationAwareTraining(Callback):
             self.calibrate(trainer, pl_module, loader if loader is not None else trainer.datamodule.train_dataloader())
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.annealer is not None and self.auto_annealing and not self._window_restored:
+            self.annealer.config = self.annealing_window(trainer)
         if not self._enable_if_ready():
             self.calibrate(trainer, pl_module)
+
+    def annealing_window(self, trainer: Trainer) -> AnnealingConfig:
+        """The default (``annealing=True``) window: the whole run, about 20 updates; the fixed
+        :class:`AnnealingConfig` defaults when the run's length is unknown (infinite)."""
+        total = trainer.estimated_stepping_batches
+        if total == float("inf") or total < 1:
+            return AnnealingConfig()
+        return AnnealingConfig.for_run(int(total))
 
     def _require_encodings(self, trainer: Trainer, stage: str) -> None:
         if not self._enable_if_ready() and not trainer.sanity_checking:
@@ -232,7 +319,8 @@ class QuantizationAwareTraining(Callback):
 
         model.eval()
         try:
-            self.sim.compute_encodings(forward)
+            with rng_preserved(loader):  # calibration batches do not change the training data order
+                self.sim.compute_encodings(forward)
         finally:
             model.train(was_training)
         self._log_encodings(trainer)
@@ -242,7 +330,38 @@ class QuantizationAwareTraining(Callback):
         if self.annealer is not None:
             self.annealer.before_batch()
 
+    # ---- freezing learned ranges --------------------------------------------------------------
+    # DDP builds its gradient reducer once, from the parameters that require gradients when it
+    # wraps the model, and expects a gradient for each of them in every backward pass. Turning
+    # requires_grad off after that (freeze_ranges_step, the annealing window's end) leaves the
+    # reducer waiting for gradients that never come, and the next step fails with "parameters that
+    # were not used in producing the loss". So a freeze during a DDP fit *pins* the ranges
+    # instead: the values are snapped exactly as QuantizeDequantize.freeze() does, requires_grad
+    # stays on (DDP's parameter set does not change), and their averaged gradients are dropped
+    # before the optimizer step (and before gradient clipping), so that neither the optimizer,
+    # momentum nor weight decay moves them. At the end of fit they are frozen for good.
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        self._ddp_wrapped = isinstance(trainer.strategy.model, DistributedDataParallel)
+
+    def freeze_ranges(self) -> None:
+        """Stop learning every quantizer's range (pinned instead while DDP wraps the model)."""
+        for q in self.sim.quantizers().values():
+            pin = self._ddp_wrapped and q.learnable
+            q.freeze()
+            if pin:
+                q.unfreeze()
+                self._pinned.append(q)
+        self.ranges_frozen = True
+
+    def _drop_pinned_gradients(self) -> None:
+        for q in self._pinned:
+            q.scale.grad = None
+            q.offset.grad = None
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._drop_pinned_gradients()
         scaler = loss_scaler(trainer)
         self._scale_before = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
         self._stepping = True
@@ -258,9 +377,7 @@ class QuantizationAwareTraining(Callback):
         self.applied_steps += 1
         metrics = self.annealer.after_step(True) if self.annealer is not None else {}
         if self.freeze_ranges_step is not None and not self.ranges_frozen and self.applied_steps >= self.freeze_ranges_step:
-            for q in self.sim.quantizers().values():
-                q.freeze()
-            self.ranges_frozen = True
+            self.freeze_ranges()
         if self.freeze_bn_step is not None and not self.bn_frozen and self.applied_steps >= self.freeze_bn_step:
             self.sim.freeze_batch_norm()
             self.bn_frozen = True
@@ -272,6 +389,9 @@ class QuantizationAwareTraining(Callback):
 
     # ---- end of fit --------------------------------------------------------------------------
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for q in self._pinned:
+            q.freeze()
+        self._pinned, self._ddp_wrapped = [], False
         if self.export_dir is not None and trainer.is_global_zero:
             self.sim.export(self.export_dir, self.export_prefix, self._tracing_input)
 
@@ -316,11 +436,13 @@ class QuantizationAwareTraining(Callback):
     def _apply_state(self, state: dict) -> None:
         self.applied_steps = int(state["applied_steps"])
         if state["ranges_frozen"]:
-            for q in self.sim.quantizers().values():
-                q.freeze()
+            self.freeze_ranges()
         self.ranges_frozen = bool(state["ranges_frozen"])
         if state.get("bn_frozen"):
             self.sim.freeze_batch_norm()
         self.bn_frozen = bool(state.get("bn_frozen", False))
         if self.annealer is not None and state.get("annealer") is not None:
+            if self.auto_annealing:  # keep the window the run started with
+                self.annealer.config = AnnealingConfig(**state["annealer"]["config"])
+                self._window_restored = True
             self.annealer.load_state_dict(state["annealer"])
