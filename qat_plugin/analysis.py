@@ -218,7 +218,7 @@ class SensitivityResult:
         from matplotlib.patches import Patch
         ax_drop.legend(handles=[Patch(color="#8064a2", label="weight + layer output"),
                                 Patch(color="#c0504d", label="weight only"),
-                                Patch(color="#4f81bd", label="activation")], fontsize=7, loc="lower right")
+                                Patch(color="#4f81bd", label="activation")], fontsize=7, loc="best")
         fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(os.fspath(path), dpi=110)

@@ -229,7 +229,7 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
         max_relative_size / max_relative_bitops: budgets relative to every site at the highest
             candidate bitwidths (see the module docstring for the definitions).
         results_dir: writes ``pareto.png``, ``mixed_precision.json`` (chosen per-site bitwidths,
-            every evaluated point, the pareto front) and the phase-1 sensitivity outputs.
+            every evaluated point, the pareto front) and ``phase1_sensitivity.csv`` / ``.png``.
         by: ``"layer"`` (a weight and its layer's output quantizer choose together) or ``"site"``.
         phase1: ``"eval"`` (one evaluation per group and lower option) or ``"sqnr"`` (rank by the
             SQNR proxy, no evaluations).
@@ -270,16 +270,16 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
 
     # 1. encodings per candidate; FP32 score; the cost model.
     cache: dict[tuple[str, int], Any] = {}
-    noise: dict[tuple[str, int], float] = {}  # relative noise power per (site, bits): phase1="sqnr"
+    sqnr: dict[tuple[str, int], float] = {}  # the SQNR proxy per (site, bits): one forward pass per candidate
     for p, o in cands:
         sim.set_bitwidths({k: (p if kinds[k] == "param" else o) for k in keys})
         sim.compute_encodings(forward_pass_callback, forward_pass_callback_args)
         counter["calibrations"] += 1
         for k, q in sim.quantizers().items():
             cache[(k, q.bitwidth)] = q.encoding
-        if phase1 == "sqnr":
-            for k, db in site_sqnr(sim, forward_pass_callback, forward_pass_callback_args).items():
-                noise[(k, sim.quantizers()[k].bitwidth)] = 10 ** (-db / 10) if math.isfinite(db) else 0.0
+        for k, db in site_sqnr(sim, forward_pass_callback, forward_pass_callback_args).items():
+            sqnr[(k, sim.quantizers()[k].bitwidth)] = db
+    noise = {kb: (10 ** (-db / 10) if math.isfinite(db) else 0.0) for kb, db in sqnr.items()}  # relative power
     costs = cost_model(sim, forward_pass_callback, forward_pass_callback_args)
     ref_size, ref_bitops = costs.size(top) or 1.0, costs.bitops(top) or 1.0
     with quantize_only(sim, ()):
@@ -312,7 +312,8 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
                       "acts": (costs.activation_bits(top) - costs.activation_bits(trial)) / ref_acts}
             saved = shares[metric] + 0.1 * sum(v for k, v in shares.items() if k != metric)
             moves.append((g, bits, drop, saved))
-            rows.append(SensitivityRow(g.name, g.sites, _label(sim, bits), score, drop, float("nan")))
+            rows.append(SensitivityRow(g.name, g.sites, _label(sim, bits), score, drop,
+                                       min((sqnr.get((k, b), math.inf) for k, b in bits.items()), default=math.inf)))
     sens = SensitivityResult(fp32, rows, counter["evals"] - 1)
     # least harm per share saved first; moves that save nothing go last
     moves.sort(key=lambda m: (m[3] <= 0, (m[2] / m[3]) if m[3] > 0 else m[2]))
@@ -395,6 +396,8 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
                                           budget_size=max_relative_size, budget_bitops=max_relative_bitops,
                                           allowed_accuracy_drop=allowed_accuracy_drop)
         result.files["sensitivity_csv"] = sens.to_csv(os.path.join(results_dir, "phase1_sensitivity.csv"))
+        result.files["sensitivity_png"] = sens.plot(os.path.join(results_dir, "phase1_sensitivity.png"),
+                                                    title="Phase 1: each layer group alone at its lower option")
     if verbose:
         print(result)
     return result
