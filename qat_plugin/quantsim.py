@@ -181,6 +181,23 @@ class QuantSimModel:
                           "compute_encodings again before using the sim", stacklevel=2)
         return changed
 
+    def apply_precision(self, spec: PrecisionSpec) -> list[str]:
+        """Apply precision overrides in order; returns the changed site keys.
+
+        ``spec`` is ``{"<target>": {"param_bw": 4, "output_bw": 8}, ...}`` (targets as in
+        :meth:`set_precision`), or the path of a JSON file holding such a mapping or a
+        ``mixed_precision.json`` written by :func:`qat_plugin.mixed_precision.choose_mixed_precision`
+        (its ``"bitwidths"``: site key -> bits). The callback's ``precision=`` takes the same.
+        """
+        rules = precision_spec(spec)
+        changed: list[str] = []
+        for target, param_bw, output_bw in rules:
+            if target is None:  # a search result: site key -> bits
+                changed += self.set_bitwidths(param_bw)
+            else:
+                changed += self.set_precision(target, param_bw=param_bw, output_bw=output_bw)
+        return list(dict.fromkeys(changed))
+
     def set_bitwidths(self, bitwidths: dict[str, int]) -> list[str]:
         """Set the bitwidth of each named site (site key -> bits), replacing its quantizer where
         the bitwidth changes (the new one has no encoding); returns the changed keys in graph
@@ -359,6 +376,58 @@ class QuantSimModel:
             return f"W{ws[0] if ws else self.param_bw}A{as_[0] if as_ else self.output_bw}"
         count = lambda p, v: [f"{p}{b} x{v.count(b)}" for b in sorted(set(v))]
         return "mixed " + ", ".join(count("W", ws) + count("A", as_))
+
+
+PrecisionSpec = Union[None, str, os.PathLike, dict]
+
+
+def precision_spec(spec: PrecisionSpec) -> list[tuple]:
+    """Validate precision overrides (see :meth:`QuantSimModel.apply_precision`) without a model:
+    ``[(target, param_bw, output_bw), ...]``, or ``[(None, {site: bits}, None)]`` for a search
+    result. Errors are :class:`QuantConfigError` naming the bad entry.
+
+    >>> precision_spec({"features.0": {"param_bw": 8}, "Softmax": {"output_bw": 16}})
+    [('features.0', 8, None), ('Softmax', None, 16)]
+    >>> precision_spec({"fc": {"param_bits": 8}})
+    Traceback (most recent call last):
+    ...
+    qat_plugin.errors.QuantConfigError: precision['fc']: unknown key 'param_bits'. Did you mean 'param_bw'?
+    """
+    if spec is None:
+        return []
+    source = "precision"
+    if isinstance(spec, (str, os.PathLike)):
+        source = os.fspath(spec)
+        if not os.path.isfile(source):
+            raise QuantConfigError(f"precision: '{source}' is not a file; give a mapping "
+                                   "{target: {param_bw, output_bw}} or the path of a JSON file with one "
+                                   "(or a mixed_precision.json from choose_mixed_precision)")
+        import json
+
+        with open(source) as f:
+            try:
+                spec = json.load(f)
+            except json.JSONDecodeError as e:
+                raise QuantConfigError(f"{source}: not valid JSON ({e})") from None
+        if isinstance(spec, dict) and isinstance(spec.get("bitwidths"), dict):
+            bits = spec["bitwidths"]
+            for key, bw in bits.items():
+                check_exportable_bitwidth(f"{source}: bitwidths['{key}']", bw)
+            return [(None, dict(bits), None)]
+    if not isinstance(spec, dict):
+        raise QuantConfigError(f"{source} must map targets to {{'param_bw': ..., 'output_bw': ...}}, got "
+                               f"{type(spec).__name__}")
+    rules = []
+    for target, body in spec.items():
+        where = f"{source}[{target!r}]"
+        if not isinstance(body, dict) or not body:
+            raise QuantConfigError(f"{where} must be a non-empty mapping with param_bw and/or output_bw, got {body!r}")
+        for key in body:
+            if key not in ("param_bw", "output_bw"):
+                raise QuantConfigError(f"{where}: unknown key '{key}'." + did_you_mean(key, ("param_bw", "output_bw")))
+        rules.append((target, *(check_exportable_bitwidth(f"{where}.{k}", body[k]) if body.get(k) is not None else None
+                                for k in ("param_bw", "output_bw"))))
+    return rules
 
 
 def _member_ops(op: str) -> set[str]:

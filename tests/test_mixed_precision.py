@@ -359,3 +359,31 @@ def test_mixed_export_matches_simulation_in_ort(tmp_path):
     data = json.loads(open(res.encodings_path).read())
     # tensors, not sites: the flatten after the pool repeats the pool's 8-bit encoding (2 tensors)
     assert data["qat_plugin_bitwidths"] == {"activation": {"8": 7, "16": 1}, "param": {"4": 1, "8": 2, "16": 1}}
+
+
+# ---- precision specs (the callback's precision= argument) -------------------------------------
+def test_apply_precision_from_mapping_and_from_search_json(tmp_path):
+    sim = make()
+    changed = sim.apply_precision({"Conv": {"param_bw": 4}, "stem": {"param_bw": 8, "output_bw": 16}})
+    b = {sim.plan.site(k).where: v for k, v in bits(sim).items()}
+    assert (b["stem.weight"], b["a.weight"], b["b.weight"], b["stem .. F.relu"]) == (8, 4, 4, 16)
+    assert set(changed) == {key_of(sim, w) for w in ("a.weight", "b.weight", "stem .. F.relu")}
+    # a search's mixed_precision.json carries per-site bitwidths: a fresh sim takes them exactly
+    path = tmp_path / "mixed_precision.json"
+    path.write_text(json.dumps({"bitwidths": bits(sim), "evaluations": 3}))
+    fresh = make()
+    fresh.apply_precision(str(path))
+    assert bits(fresh) == bits(sim)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"fc": {"param_bits": 8}}, "unknown key 'param_bits'. Did you mean 'param_bw'"),
+    ({"fc": {}}, "non-empty mapping"),
+    ({"fc": {"param_bw": 6}}, "param_bw=6 cannot be exported"),
+    (["fc"], "must map targets"),
+    ("no/such/file.json", "is not a file"),
+])
+def test_precision_spec_errors(spec, match):
+    from qat_plugin.quantsim import precision_spec
+    with pytest.raises(QuantConfigError, match=match):
+        precision_spec(spec)
