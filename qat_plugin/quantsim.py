@@ -188,15 +188,15 @@ class QuantSimModel:
         :meth:`set_precision`), or the path of a JSON file holding such a mapping or a
         ``mixed_precision.json`` written by :func:`qat_plugin.mixed_precision.choose_mixed_precision`
         (its ``"bitwidths"``: site key -> bits). The callback's ``precision=`` takes the same.
+        Later entries win; the keys returned are those whose bitwidth differs at the end.
         """
-        rules = precision_spec(spec)
-        changed: list[str] = []
-        for target, param_bw, output_bw in rules:
+        before = {s.key: s.bitwidth for s in self.plan.sites}
+        for target, param_bw, output_bw in precision_spec(spec):
             if target is None:  # a search result: site key -> bits
-                changed += self.set_bitwidths(param_bw)
+                self.set_bitwidths(param_bw)
             else:
-                changed += self.set_precision(target, param_bw=param_bw, output_bw=output_bw)
-        return list(dict.fromkeys(changed))
+                self.set_precision(target, param_bw=param_bw, output_bw=output_bw)
+        return [s.key for s in self.plan.sites if s.bitwidth != before[s.key]]
 
     def set_bitwidths(self, bitwidths: dict[str, int]) -> list[str]:
         """Set the bitwidth of each named site (site key -> bits), replacing its quantizer where
