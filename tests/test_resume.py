@@ -77,3 +77,16 @@ def test_resume_equals_uninterrupted(tmp_path, case):
     for stop in stops:
         resumed = _fit(tmp_path, f"resumed{stop}", kwargs, precision, ckpt_path=ckpts[stop])
         _assert_identical(straight, resumed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("learn", [False, True])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("bn", [{}, dict(bn_folding="simulated", freeze_bn_step=7)])
+def test_resume_equals_uninterrupted_everywhere(tmp_path, learn, precision, bn):
+    """The whole matrix: every stop point, learned and fixed ranges, fp32 and bf16, BN folding."""
+    kwargs = dict(annealing=ANNEALING, learn_ranges=learn, **bn)
+    straight = _fit(tmp_path, "straight", kwargs, precision, save=True)
+    ckpts = _checkpoints(tmp_path, "straight")
+    for stop in sorted(STOPS.values()):
+        _assert_identical(straight, _fit(tmp_path, f"resumed{stop}", kwargs, precision, ckpt_path=ckpts[stop]))
