@@ -208,7 +208,7 @@ class SensitivityResult:
         ax_drop.barh(ys, [r.drop for r in self.rows], color=colors)
         ax_drop.axvline(0, color="black", lw=0.6)
         ax_drop.set_yticks(ys, [f"{r.group} ({r.bitwidths})" for r in self.rows], fontsize=7)
-        ax_drop.invert_yaxis()
+        ax_drop.set_ylim(n - 0.5, -0.5)  # first row on top, no empty margins
         ax_drop.set_xlabel(f"score drop vs FP32 ({self.fp32_score:.4g}), only this group quantized")
         ax_drop.grid(axis="x", alpha=0.3)
         sq = [r.sqnr_db if math.isfinite(r.sqnr_db) else 0.0 for r in self.rows]
