@@ -36,7 +36,8 @@ The search (the algorithm, and its cost in evaluations ``eval_callback(sim.model
    evenly spaced configurations are scored for the pareto curve.
 4. The chosen bitwidths are set, the sim is calibrated again and scored once more.
 
-Total: ``2 + moves + O(log2(moves)) + curve_points + 1`` evaluations, against
+Total: ``1 + moves + 3 + curve_points + 1`` evaluations (plus ``log2(moves)`` with an accuracy
+target; configurations already scored are not scored again), against
 ``sites x candidates`` for an exhaustive per-site pass.
 """
 from __future__ import annotations

@@ -187,7 +187,7 @@ class QuantSimModel:
         ``spec`` is ``{"<target>": {"param_bw": 4, "output_bw": 8}, ...}`` (targets as in
         :meth:`set_precision`), or the path of a JSON file holding such a mapping or a
         ``mixed_precision.json`` written by :func:`qat_plugin.mixed_precision.choose_mixed_precision`
-        (its ``"bitwidths"``: site key -> bits). The callback's ``precision=`` takes the same.
+        (its ``"bitwidths"``: site key -> bits). The callback's ``precision_overrides=`` takes the same.
         Later entries win; the keys returned are those whose bitwidth differs at the end.
         """
         before = {s.key: s.bitwidth for s in self.plan.sites}
