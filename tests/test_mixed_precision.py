@@ -293,6 +293,16 @@ def test_search_with_accuracy_drop_binary_searches():
     assert all(sim.plan.site(k).bitwidth == 8 for k in bits(sim) if k not in acts)
 
 
+def test_budget_wins_over_accuracy_with_a_warning_and_sqnr_phase1_costs_no_evaluations():
+    sim = make()
+    with pytest.warns(UserWarning, match="no configuration within the budget keeps the score"):
+        res = choose_mixed_precision(sim, mse_score(net()), forward, [(4, 8), (8, 8)], max_relative_size=0.5,
+                                     allowed_accuracy_drop=0.0, phase1="sqnr", curve_points=0, verbose=False)
+    assert res.chosen.relative_size == pytest.approx(0.5) and set(bits(sim).values()) == {4, 8}
+    # FP32, k_lo (= all moves), k = 0 and the final score; phase 1 scored nothing
+    assert res.evaluations == 4 and res.sensitivity.evaluations == 0
+
+
 def test_infeasible_budget_names_smallest_reachable_size():
     sim = make()
     with pytest.raises(QuantConfigError, match=r"max_relative_size=0.4 cannot be reached.*smallest reachable is 0.5000"):
