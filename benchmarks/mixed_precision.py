@@ -214,7 +214,8 @@ def main(argv=None):
         print(markdown_table(["model", "FP32 %", "all W8A8 %", "A8 score", "mixed %", "mixed score",
                               "16-bit act. sites", "mixed - all-A8", "all W8A16 %", "A16 score",
                               "evaluations / sites x 2", "search s"], tf_rows))
-    print(f"\ncandidates W4A8 / W8A8, max_relative_size {args.max_size}; search score: -100 x KL(FP32 || sim) on 512 "
+    print(f"\nCNNs: candidates W4A8 / W8A8, max_relative_size {args.max_size}. Transformer: candidates W8A8 / W8A16, "
+          "allowed_accuracy_drop = half of all-A8's score loss. Search score: -100 x KL(FP32 || sim) on 512 "
           f"training images; validation: 360 held-out digits; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads (2 shared cores: seconds are indicative)")
     return rows
