@@ -59,3 +59,20 @@ def test_range_round_trips_through_from_min_max(symmetric, bw):
     again = Encoding.from_min_max(*enc.range(), bw, symmetric, axis=0)
     assert torch.equal(again.offset, enc.offset)
     torch.testing.assert_close(again.scale, enc.scale, rtol=1e-14, atol=0)
+
+
+def test_json_entry_holds_every_aimet_field():
+    enc = Encoding.from_min_max(torch.tensor(-1.0), torch.tensor(3.0), bitwidth=8, symmetric=False)
+    (entry,) = enc.to_json()
+    assert entry == {"bitwidth": 8, "dtype": "int", "is_symmetric": "False", "max": float(enc.max),
+                     "min": float(enc.min), "offset": -64, "scale": float(enc.scale)}
+    assert isinstance(entry["offset"], int)
+    sym = Encoding.from_min_max(torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0]), 4, True, axis=0).to_json()
+    assert [e["is_symmetric"] for e in sym] == ["True", "True"] and [e["min"] for e in sym] == [-8 / 7, -16 / 7]
+
+
+def test_to_cpu_keeps_the_grid():
+    enc = Encoding.from_min_max(torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 3.0]), 4, False, axis=1)
+    cpu = enc.to_cpu()
+    assert cpu is not enc and torch.equal(cpu.scale, enc.scale) and torch.equal(cpu.offset, enc.offset)
+    assert (cpu.bitwidth, cpu.symmetric, cpu.axis) == (4, False, 1) and cpu.scale.device.type == "cpu"

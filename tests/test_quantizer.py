@@ -190,3 +190,50 @@ def test_values_rounded_onto_the_grid_ends_keep_their_gradient(learnable):
     x = torch.tensor([0.0, -0.4 * s, -0.6 * s, 2.0, 2.0 + 0.4 * s, 2.0 + 0.6 * s], requires_grad=True)
     q(x).sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("shape, axis", [((7,), 0), ((1, 6), 0), ((2, 1, 3), 1), ((4, 3, 5), 1)])
+def test_per_channel_gradients_equal_per_tensor_gradients_per_channel(shape, axis, symmetric):
+    """LSQ range gradients of a per-channel quantizer are those of one per-tensor quantizer per
+    channel (same values per scale, so the same gradient factor), for 1-D inputs and single
+    channels too."""
+    channels = shape[axis]
+    lo, hi = -torch.rand(channels, dtype=torch.float64) - 0.2, torch.rand(channels, dtype=torch.float64) + 0.3
+    pc = QuantizeDequantize((channels,), 4, symmetric, axis, learnable=True)
+    pc.set_encoding(Encoding.from_min_max(lo, hi, 4, symmetric, axis))
+    x = torch.randn(shape) * 0.8
+    g = torch.randn(shape)
+    (pc(x) * g).sum().backward()
+    for c in range(channels):
+        pt = QuantizeDequantize((), 4, symmetric, learnable=True)
+        pt.set_encoding(Encoding.from_min_max(lo[c], hi[c], 4, symmetric))
+        xc = x.select(axis, c).clone()
+        (pt(xc) * g.select(axis, c)).sum().backward()
+        torch.testing.assert_close(pc.scale.grad[c], pt.scale.grad, rtol=1e-5, atol=1e-7)
+        if not symmetric:
+            torch.testing.assert_close(pc.offset.grad[c], pt.offset.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_calibration_and_monitoring_hand_back_their_observer():
+    from qat_plugin.calibration import MinMaxObserver
+
+    q = make(8, False)
+    obs, mon = MinMaxObserver(), MinMaxObserver()
+    q.start_calibration(obs)
+    x = torch.tensor([-3.0, 5.0])
+    assert torch.equal(q(x), x)  # observed, passed through unchanged
+    assert q.stop_calibration() is obs and q.stop_calibration() is None
+    assert obs.min.tolist() == [-3.0] or float(obs.min) == -3.0
+    q.start_monitoring(mon)
+    assert not torch.equal(q(x), x)  # monitored while quantizing
+    assert q.stop_monitoring() is mon and q.stop_monitoring() is None
+    assert float(mon.max) == 5.0
+
+
+def test_repr_names_the_grid():
+    q = make(4, True, axis=0, channels=2, learnable=True)
+    assert q.extra_repr() == "bitwidth=4, symmetric, per-channel(axis=0), learnable=True"
+    q = make(8, False)
+    q.enabled = False
+    assert q.extra_repr() == "bitwidth=8, asymmetric, per-tensor, learnable=False, disabled"
