@@ -254,17 +254,25 @@ def test_plain_dataloaders_need_no_example_input(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.setdefault(trainer.lightning_module, batch[0].clone())
 
-    def fit(callbacks):
+    def fit(callbacks, **kwargs):
         train, val = loaders(batch_size=32)
         module = DigitsModule()
         module.example_input_array = None
-        trainer(tmp_path, 2, callbacks + [FirstBatch()]).fit(module, train, val)
+        trainer(tmp_path, 2, callbacks + [FirstBatch()], **kwargs).fit(module, train, val)
         return module
 
     qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, annealing=False)
-    with_qat, without = fit([qat]), fit([])
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "c"), save_last=True)
+    with_qat, without = fit([qat, ckpt], enable_checkpointing=True), fit([])
     assert with_qat.net is qat.sim.model and all(q.is_initialized() for q in qat.sim.quantizers().values())
     assert torch.equal(seen[with_qat], seen[without])
+    # validate with a plain loader too: the structure is traced from the validation samples
+    module = DigitsModule()
+    module.example_input_array = None
+    expected = trainer(tmp_path, 2, [qat]).validate(with_qat, loaders()[1], verbose=False)[0]["val_acc"]
+    got = trainer(tmp_path, 2, [QuantizationAwareTraining(quant_scheme="tf", annealing=False)]).validate(
+        module, loaders()[1], ckpt_path=str(tmp_path / "c" / "last.ckpt"), verbose=False)[0]["val_acc"]
+    assert got == expected
 
 
 class _Metrics(pl.loggers.Logger):

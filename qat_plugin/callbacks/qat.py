@@ -44,21 +44,26 @@ def _default_input(batch: Any) -> Any:
                      "QuantizationAwareTraining")
 
 
-def _fit_train_loader(trainer: Trainer) -> Optional[Any]:
-    """The training loader given to ``trainer.fit(module, train_dataloaders)``.
+def _stage_loader(trainer: Trainer) -> Optional[Any]:
+    """The loader given to ``trainer.fit`` (training), ``validate``, ``test`` or ``predict``.
 
-    ``setup`` runs before Lightning builds ``trainer.train_dataloader``, and Lightning has no
-    public accessor for the loader given to ``fit`` before then, so this reads the fit loop's
-    data source; ``None`` where that is not there (the caller then asks for ``dummy_input=``).
+    ``setup`` runs before Lightning builds ``trainer.train_dataloader`` (and the others), and
+    Lightning has no public accessor for the loaders given to ``fit`` before then, so this reads
+    the loops' data sources; ``None`` where there is none (the caller asks for ``dummy_input=``).
     """
-    source = getattr(trainer.fit_loop, "_data_source", None)
-    if source is None or not callable(getattr(source, "is_defined", None)) or not source.is_defined():
-        return None
-    try:
-        loader = source.dataloader()
-    except Exception:  # a LightningModule without train_dataloader(): nothing to read
-        return None
-    return loader if isinstance(loader, DataLoader) or hasattr(loader, "__iter__") else None
+    for loop in ("fit_loop", "validate_loop", "test_loop", "predict_loop"):
+        source = getattr(getattr(trainer, loop, None), "_data_source", None)
+        if source is None or not callable(getattr(source, "is_defined", None)) or not source.is_defined():
+            continue
+        try:
+            loader = source.dataloader()
+        except Exception:  # e.g. a LightningModule without that *_dataloader() hook
+            continue
+        if isinstance(loader, (list, tuple)) and loader:
+            loader = loader[0]
+        if hasattr(loader, "__iter__"):
+            return loader
+    return None
 
 
 @contextlib.contextmanager
@@ -107,8 +112,9 @@ class QuantizationAwareTraining(Callback):
         module_name: the attribute (dotted path) of the LightningModule holding the network
             to quantize. Default: its only child module with parameters.
         dummy_input: an input for tracing; default ``example_input_array``, else the model input
-            of the first training batch (the loader passed to ``fit``, the datamodule's, or
-            ``calibration_dataloader``), read without moving any random number generator.
+            of the first samples of ``calibration_dataloader``, the datamodule's training loader,
+            or the loader passed to ``fit`` (``validate``/``test``/``predict``: theirs), read
+            without moving any random number generator.
         calibration_batches: training batches used to calibrate at the start of fit.
         calibration_dataloader: calibrate on this instead of the training data.
         annealing: SQNR encoding annealing (:mod:`qat_plugin.annealing`). ``True`` (default): over
@@ -240,12 +246,12 @@ class QuantizationAwareTraining(Callback):
         if loader is None and trainer.datamodule is not None:
             loader = trainer.datamodule.train_dataloader()
         if loader is None:
-            loader = _fit_train_loader(trainer)
+            loader = _stage_loader(trainer)
         if loader is not None:
             return self.input_fn(first_batch(loader))
         raise QuantConfigError("QuantizationAwareTraining needs an input to trace the network: set dummy_input=, "
-                               "the LightningModule's example_input_array, or pass a training loader or "
-                               "datamodule to trainer.fit")
+                               "the LightningModule's example_input_array, or pass a loader or datamodule to "
+                               "trainer.fit/validate/test")
 
     # ---- calibration -------------------------------------------------------------------------
     # Until calibrated (or restored from a checkpoint), the quantizers are bypassed, so that
