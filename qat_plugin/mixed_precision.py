@@ -15,6 +15,9 @@ Definitions (both relative to every site at the highest candidate bitwidths):
   recorded with forward hooks during one ``forward_pass_callback`` run (functional weights
   such as ``F.linear(x, self.w)`` and embedding tables count as 0 MACs; their size counts). The input quantizer is the activation site
   the layer reads (found in the graph); a layer with none counts the sim's ``default_output_bw``.
+* **activation bits**: ``sum over activation sites of (elements per sample x output_bw)``, the
+  quantized activations one sample moves (counted by the same hooks); it sees what bitops
+  miss, e.g. a 16-bit softmax or residual add.
 
 The search (the algorithm, and its cost in evaluations ``eval_callback(sim.model)``):
 
@@ -25,10 +28,11 @@ The search (the algorithm, and its cost in evaluations ``eval_callback(sim.model
    each; groups whose options coincide, e.g. activation-only groups under W4A8/W8A8, cost
    nothing). ``phase1="sqnr"`` ranks by the SQNR proxy instead (no evaluations): the rise in
    the group's summed relative noise power ``10^(-SQNR/10)`` from its highest option.
-3. The moves "group g goes down to option o" are sorted by score drop per share saved: of the
-   size (with ``max_relative_size``, or when the candidates differ in ``param_bw``), else of the
-   bitops, plus a tenth of the shares of the other two measures (size, bitops, activation bits
-   per sample), so that moves the main measure does not see still rank by harm per bit. Configuration ``k`` applies the first
+3. The moves "group g goes down to option o" are sorted by score drop per share saved of one
+   measure -- size with ``max_relative_size``; bitops with only ``max_relative_bitops``; with an
+   accuracy target alone, size if the candidates differ in ``param_bw``, else activation bits --
+   plus a tenth of the shares of the other two, so that moves the main measure does not see
+   still rank by harm per bit. The pareto front is drawn over that same measure. Configuration ``k`` applies the first
    ``k`` moves, so size and bitops fall with ``k``; the budgets give the smallest admissible
    ``k`` without any evaluation. With ``allowed_accuracy_drop``, a binary search over ``k``
    finds the largest ``k`` whose score stays within the drop of FP32 (``log2(moves)``
@@ -67,6 +71,7 @@ class ParetoPoint:
     score: float
     moves: int  # how many moves of the sorted list this configuration applies
     bitwidths: dict = field(default_factory=dict, compare=False, repr=False)  # site key -> bits
+    relative_activation_bits: float = 1.0  # quantized activation bits per sample, relative
 
 
 @dataclass
@@ -74,7 +79,7 @@ class MixedPrecisionResult:
     """What :func:`choose_mixed_precision` found. ``pareto_front``: the evaluated configurations
     that no other evaluated one beats on both size and score, smallest first."""
 
-    pareto_front: list[ParetoPoint]
+    pareto_front: list[ParetoPoint]  # by ``front_cost``
     chosen: ParetoPoint
     final_score: float  # the chosen bitwidths after a full re-calibration
     fp32_score: float
@@ -82,16 +87,19 @@ class MixedPrecisionResult:
     calibrations: int
     points: list[ParetoPoint]  # every evaluated configuration
     sensitivity: SensitivityResult
+    front_cost: str = "relative_size"  # the measure the moves were ranked by and the front is drawn over
     files: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         c = self.chosen
         lines = [f"mixed precision: {self.evaluations} evaluations, {self.calibrations} calibrations; FP32 score "
                  f"{self.fp32_score:.4g}",
-                 f"chosen: size {c.relative_size:.3f}, bitops {c.relative_bitops:.3f}, score {c.score:.4g} "
-                 f"(after re-calibration {self.final_score:.4g}), {c.moves} moves",
-                 "pareto front (relative size, relative bitops, score):"]
-        lines += [f"  {p.relative_size:.3f}  {p.relative_bitops:.3f}  {p.score:.4g}" for p in self.pareto_front]
+                 f"chosen: size {c.relative_size:.3f}, bitops {c.relative_bitops:.3f}, activation bits "
+                 f"{c.relative_activation_bits:.3f}, score {c.score:.4g} (after re-calibration {self.final_score:.4g}), "
+                 f"{c.moves} moves",
+                 f"pareto front over {self.front_cost} (relative size, bitops, activation bits, score):"]
+        lines += [f"  {p.relative_size:.3f}  {p.relative_bitops:.3f}  {p.relative_activation_bits:.3f}  {p.score:.4g}"
+                  for p in self.pareto_front]
         return "\n".join(lines)
 
 
@@ -292,8 +300,8 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
         metric = "size"
     elif max_relative_bitops is not None:
         metric = "bitops"
-    else:  # accuracy target only: rank by what the candidates change
-        metric = "size" if len({c[0] for c in cands}) > 1 else "bitops"
+    else:  # accuracy target only: rank by what the candidates change (weights: size; else activation bits)
+        metric = "size" if len({c[0] for c in cands}) > 1 else "acts"
     ref_acts = costs.activation_bits(top) or 1.0
     moves, rows = [], []
     for g in groups:
@@ -318,7 +326,7 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
     sens = SensitivityResult(fp32, rows, counter["evals"] - 1)
     # least harm per share saved first; moves that save nothing go last
     moves.sort(key=lambda m: (m[3] <= 0, (m[2] / m[3]) if m[3] > 0 else m[2]))
-    front_cost = "relative_bitops" if metric == "bitops" else "relative_size"
+    front_cost = {"size": "relative_size", "bitops": "relative_bitops", "acts": "relative_activation_bits"}[metric]
 
     configs = [dict(top)]
     for g, bits, _, _ in moves:
@@ -328,6 +336,7 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
         configs.append(cur)
     rel_size = [costs.size(c) / ref_size for c in configs]
     rel_bitops = [costs.bitops(c) / ref_bitops for c in configs]
+    rel_acts = [costs.activation_bits(c) / ref_acts for c in configs]
 
     # 3. budgets -> smallest admissible k; accuracy -> binary search.
     k_lo = 0
@@ -376,7 +385,7 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
     score_k(0)
     score_k(len(moves))
 
-    points = [ParetoPoint(rel_size[k], rel_bitops[k], s, k, configs[k]) for k, s in sorted(scores.items())]
+    points = [ParetoPoint(rel_size[k], rel_bitops[k], s, k, configs[k], rel_acts[k]) for k, s in sorted(scores.items())]
     chosen = next(p for p in points if p.moves == chosen_k)
     front = pareto_front(points, front_cost)
 
@@ -386,7 +395,8 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
     counter["calibrations"] += 1
     counter["evals"] += 1
     final = evaluate(eval_callback, sim.model)
-    result = MixedPrecisionResult(front, chosen, final, fp32, counter["evals"], counter["calibrations"], points, sens)
+    result = MixedPrecisionResult(front, chosen, final, fp32, counter["evals"], counter["calibrations"], points, sens,
+                                  front_cost)
     if results_dir is not None:
         os.makedirs(results_dir, exist_ok=True)
         result.files["json"] = _write_json(result, os.path.join(results_dir, "mixed_precision.json"), cands,
@@ -453,8 +463,9 @@ def _write_json(result: MixedPrecisionResult, path: str, cands, targets: dict, s
 def plot_pareto(result: MixedPrecisionResult, path: str, *, budget_size: Optional[float] = None,
                 budget_bitops: Optional[float] = None, allowed_accuracy_drop: Optional[float] = None,
                 title: str = "Mixed-precision search") -> str:
-    """PNG: score against relative size (left) and relative bitops (right); every evaluated
-    configuration, the pareto front, the chosen point, FP32 and the budgets."""
+    """PNG: score against the measure the search ranked by (left: size, bitops or activation bits)
+    and bitops (or size; right); every evaluated configuration, the pareto front, the chosen
+    point, FP32 and the budgets."""
     Figure, FigureCanvasAgg = figure_classes()
     fig = Figure(figsize=(10, 4.2))
     FigureCanvasAgg(fig)
@@ -465,8 +476,12 @@ def plot_pareto(result: MixedPrecisionResult, path: str, *, budget_size: Optiona
     floor = result.fp32_score - 6 * span
     clipped = any(p.score < floor for p in result.points)
     y = lambda p: max(p.score, floor) if clipped else p.score
-    for ax, attr, budget, label in ((axes[0], "relative_size", budget_size, "weight size relative to all-highest"),
-                                    (axes[1], "relative_bitops", budget_bitops, "bitops relative to all-highest")):
+    labels = {"relative_size": ("weight size relative to all-highest", budget_size),
+              "relative_bitops": ("bitops relative to all-highest", budget_bitops),
+              "relative_activation_bits": ("activation bits relative to all-highest", None)}
+    second = "relative_bitops" if result.front_cost != "relative_bitops" else "relative_size"
+    for ax, attr in ((axes[0], result.front_cost), (axes[1], second)):
+        label, budget = labels[attr]
         pts = sorted(result.points, key=lambda p: getattr(p, attr))
         front = pareto_front(result.points, attr)
         ax.scatter([getattr(p, attr) for p in pts], [y(p) for p in pts], color="#999999", s=18,

@@ -291,6 +291,10 @@ def test_search_with_accuracy_drop_binary_searches():
     moves = len(acts)  # every activation group has a 16-bit option; weights stay 8
     assert res.evaluations <= 1 + moves + math.ceil(math.log2(moves)) + 3 + 1
     assert all(sim.plan.site(k).bitwidth == 8 for k in bits(sim) if k not in acts)
+    # only activations differ: moves rank by activation bits, and the front is drawn over them
+    assert res.front_cost == "relative_activation_bits"
+    front = [p.relative_activation_bits for p in res.pareto_front]
+    assert front == sorted(front) and 0.5 <= min(front) and res.chosen.relative_activation_bits < 1.0
 
 
 def test_budget_wins_over_accuracy_with_a_warning_and_sqnr_phase1_costs_no_evaluations():
