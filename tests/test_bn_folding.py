@@ -153,14 +153,15 @@ class _ReusedBn(nn.Module):
 
 
 class _ChannelMismatch(nn.Module):
-    """BatchNorm1d over the conv's flattened (channel x width) features, not its channels."""
+    """Linear on (N, L, C) feeds BatchNorm1d(L): the BN's channels (dim 1) are not the layer's
+    output features (the last dim), so the BN cannot be folded into the weights."""
 
     def __init__(self):
         super().__init__()
-        self.conv, self.bn = nn.Conv1d(2, 3, 1), nn.BatchNorm1d(6)
+        self.fc, self.bn = nn.Linear(4, 6), nn.BatchNorm1d(5)
 
     def forward(self, x):
-        return self.bn(self.conv(x).flatten(1))
+        return self.bn(self.fc(x))
 
 
 NOT_FOLDED = {
@@ -169,7 +170,7 @@ NOT_FOLDED = {
     "reused bn": (_ReusedBn, (2, 3, 6, 6)),
     "bn without running stats": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
                                  (4, 3, 6, 6)),
-    "channel mismatch": (_ChannelMismatch, (4, 2, 2)),
+    "channel mismatch": (_ChannelMismatch, (4, 5, 4)),
 }
 
 
