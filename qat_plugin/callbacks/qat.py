@@ -354,6 +354,8 @@ class QuantizationAwareTraining(Callback):
     def freeze_ranges(self) -> None:
         """Stop learning every quantizer's range (pinned instead while DDP wraps the model)."""
         for q in self.sim.quantizers().values():
+            if any(q is p for p in self._pinned):
+                continue
             pin = self._ddp_wrapped and q.learnable
             q.freeze()
             if pin:
