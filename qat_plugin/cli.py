@@ -3,7 +3,8 @@
 * ``qat-plugin fit|validate|test --config recipes/X.yaml`` is LightningCLI: recipes are plain
   LightningCLI config files and every field can be overridden (``--trainer.max_epochs 2``).
   ``fit`` adds two steps around ``trainer.fit``: the model's FP32 warm-up (and FP32 / PTQ
-  accuracy) before, and after it an INT8 export, an ONNX Runtime check and a report table
+  accuracy, and PTQ with the callback's ``ptq=`` steps -- CLE, AdaRound, bias correction -- when
+  it has any) before, and after it an INT8 export, an ONNX Runtime check and a report table
   (``--report false`` turns both extra measurements off).
 * ``qat-plugin export X.yaml C.ckpt --out_dir D``: a QAT checkpoint to ``D/<prefix>.onnx`` +
   ``.encodings`` (+ ``_fp32.onnx``).
@@ -41,6 +42,12 @@ def _accuracy(network: torch.nn.Module, loader, device: torch.device) -> float:
     return 100.0 * correct / max(1, total)
 
 
+def _ptq_label(ptq) -> str:
+    steps = [name for name, on in (("CLE", ptq.cle), ("AdaRound", ptq.adaround is not None),
+                                   ("bias correction", ptq.bias_correction is not None)) if on]
+    return " + ".join(steps) or "nothing"
+
+
 class QatCLI(LightningCLI):
     """LightningCLI with the QAT report around ``fit``."""
 
@@ -64,10 +71,17 @@ class QatCLI(LightningCLI):
                               logger=False, enable_checkpointing=False, enable_model_summary=False,
                               num_sanity_val_steps=0, default_root_dir=trainer.default_root_dir)
             model.warmup = True
+            # the bundled demo data has labels: a label-free recipe (labels: false) gets them for
+            # the FP32 warm-up only, which stands in for the pretrained model a user would bring
+            hidden = getattr(dm, "labels", True) is False
+            if hidden:
+                dm.labels = True
             try:
                 warm.fit(model, datamodule=dm)
             finally:
                 model.warmup = False
+                if hidden:
+                    dm.labels = False
         qat = _qat_callback(trainer)
         if not self._cfg("report") or qat is None or dm is None:
             return
@@ -79,6 +93,14 @@ class QatCLI(LightningCLI):
         sim = QuantSimModel(copy.deepcopy(network).eval(), batches[0], **qat.sim_kwargs)
         sim.compute_encodings(lambda m, _: [m(b.to(model.device)) for b in batches])
         self.results["PTQ"] = _accuracy(sim.model, dm.val_dataloader(), model.device)
+        ptq = getattr(qat, "ptq", None)
+        if ptq is not None:  # the callback's post-training steps, measured on a copy
+            print(f"PTQ toolbox: {_ptq_label(ptq)}")
+            net = ptq.prepare(copy.deepcopy(network).eval(), batches[0])
+            sim = QuantSimModel(net, batches[0], **qat.sim_kwargs)
+            sim.compute_encodings(lambda m, _: [m(b.to(model.device)) for b in batches])
+            ptq.apply(sim, [b.to(model.device) for b in batches])
+            self.results[f"PTQ + {_ptq_label(ptq)}"] = _accuracy(sim.model, dm.val_dataloader(), model.device)
 
     def after_fit(self) -> None:
         qat, dm, trainer = _qat_callback(self.trainer), self.datamodule, self.trainer
