@@ -188,7 +188,7 @@ def _exported_integers(res):
     return out
 
 
-@pytest.fixture(scope="module", params=["static", "simulated"])
+@pytest.fixture(scope="module", params=["static", pytest.param("simulated", marks=pytest.mark.slow)])
 def exported_conv_bn(request, tmp_path_factory):
     torch.manual_seed(0)
     model = randomize_bn(ConvBnLinear()).eval()
