@@ -182,6 +182,16 @@ def test_adaround_learns_integers_within_floor_ceil_with_lower_error(tmp_path):
         assert bool(((n == torch.floor(w0 / s)) | (n == torch.ceil(w0 / s))).all())
 
 
+def test_adaround_fp32_outputs_target_reconstructs_the_fp32_layer_outputs():
+    """target='fp32_outputs' (asymmetric, layer by layer): every layer ends at or below nearest
+    rounding's error against the FP32 network's own layer outputs."""
+    model, data, sim = _tiny_adaround_setup()
+    report = apply_adaround(sim, data, num_iterations=100, target="fp32_outputs", progress=False)
+    assert all(l.mse_adaround <= l.mse_nearest for l in report.layers), str(report)
+    with pytest.raises(QuantConfigError, match="Did you mean 'fp32_outputs'"):
+        apply_adaround(sim, data, target="fp32_output", progress=False)
+
+
 def test_adaround_export_carries_learned_integers(tmp_path):
     """The exported INT8 initializers and the encodings file hold exactly the learned integers."""
     model, data, sim = _tiny_adaround_setup(bits=8)
@@ -235,3 +245,44 @@ def test_ptq_config_validates_and_runs_in_order():
     sim = _calibrated(model, data, default_param_bw=4)
     out = cfg.apply(sim, data)
     assert set(out) == {"adaround", "bias_correction"} and len(out["adaround"].layers) == 2
+
+
+def test_callback_runs_ptq_steps_after_calibration(tmp_path):
+    """Given ptq= on the QAT callback, CLE runs on the FP32 network in setup and AdaRound + bias
+    correction right after calibration, before the first training step."""
+    import pytorch_lightning as pl
+
+    from lightning_helpers import DigitsModule, loaders
+    from qat_plugin.callbacks import QuantizationAwareTraining
+
+    with pytest.raises(QuantConfigError, match="Did you mean 'adaround'"):
+        QuantizationAwareTraining(ptq={"adaroud": True})
+    train, val = loaders(batch_size=32)
+    qat = QuantizationAwareTraining(quant_scheme="tf", default_param_bw=4, calibration_batches=2,
+                                    ptq={"cle": True, "adaround": {"num_iterations": 10, "progress": False},
+                                         "bias_correction": {"progress": False}})
+    trainer = pl.Trainer(max_steps=2, callbacks=[qat], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                         default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="no equalizable pair"):  # SmallNet's ReLU output feeds two users
+        trainer.fit(DigitsModule(), train, val)
+    report = qat.ptq_report
+    assert [l.name for l in report["adaround"].layers] == ["conv1", "conv2", "fc"]
+    assert set(report["bias_correction"]) == {l.name for l in report["adaround"].layers}
+
+
+@pytest.mark.parametrize("recipe", ["mobilenet_v2_w4a8_ptq", "mobilenet_v2_w4a8_distill"])
+def test_new_recipes_parse(recipe):
+    import os
+
+    from qat_plugin.callbacks import QuantizationAwareTraining
+    from qat_plugin.cli import QatCLI
+
+    path = os.path.join(os.path.dirname(__file__), "..", "recipes", f"{recipe}.yaml")
+    cli = QatCLI(args=["--config", path, "--trainer.logger", "false"], run=False,
+                 subclass_mode_model=True, subclass_mode_data=True)
+    qat = next(c for c in cli.trainer.callbacks if isinstance(c, QuantizationAwareTraining))
+    if recipe.endswith("ptq"):
+        assert qat.ptq.cle and qat.ptq.adaround == {"num_iterations": 200}
+    else:
+        assert cli.model.hparams.distillation == {"temperature": 4.0} and cli.datamodule.labels is False

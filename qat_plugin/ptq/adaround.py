@@ -26,6 +26,7 @@ finish a 50-layer 224x224 network (torchvision resnet50) on 128 images in the ti
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,13 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..encoding import num_steps
-from ..errors import QuantConfigError
+from ..errors import QuantConfigError, did_you_mean
 from ..modules import QuantizedConv2d, QuantizedLinear
-from ._common import (check_calibrated, device_of, eval_mode, recompute_activation_encodings, run,
+from ._common import (check_calibrated, device_of, eval_mode, float_mode, recompute_activation_encodings, run,
                       take_batches, weighted_layers)
 
 ZETA, GAMMA = 1.1, -0.1
 DEFAULT_ITERATIONS = 200
+TARGETS = ("float_weights", "fp32_outputs")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class _Cache:
     def __init__(self, layer: nn.Module, index: int, rows_per_batch: int):
         self.layer, self.index, self.rows_per_batch = layer, index, rows_per_batch
         self.x: list[torch.Tensor] = []
+        self.y: list[torch.Tensor] = []
 
     def _positions(self, batch_index: int, total: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(1_000_003 * (self.index + 1) + batch_index)
@@ -136,27 +139,43 @@ class _Cache:
         self.x.append(torch.stack(cols, dim=2).reshape(len(idx), -1).float().cpu())  # (rows, in * kh * kw)
 
 
+    def take_output(self, batch_index: int, y: torch.Tensor) -> None:
+        """The layer's output at the same sampled rows (same seed, same output shape)."""
+        if isinstance(self.layer, QuantizedLinear):
+            flat = y.reshape(-1, y.shape[-1])
+            self.y.append(flat[self._positions(batch_index, flat.shape[0]).to(y.device)].float().cpu())
+            return
+        n, _, ho, wo = y.shape
+        idx = self._positions(batch_index, n * ho * wo).to(y.device)
+        rest = idx % (ho * wo)
+        self.y.append(y[idx // (ho * wo), :, rest // wo, rest % wo].float().cpu())
+
+
 class _StopForward(Exception):
     pass
 
 
-def _fill(sim, caches: list[_Cache], batches: list, device, desc: str, progress: bool) -> None:
+def _fill(sim, caches: list[_Cache], batches: list, device, desc: str, progress: bool, fp32: bool = False) -> None:
     """One pass of the simulation over the data, caching each layer's input patches at its
-    sampled rows; the forward stops after the last layer of the group."""
+    sampled rows (``fp32``: the FP32 model's layer outputs); the forward stops after the last
+    layer of the group."""
     from tqdm.auto import tqdm
 
     last = caches[-1].layer
     state = {"batch": 0}
 
     def hook(module, args, output):
-        by_layer[id(module)].take_input(state["batch"], args[0].detach(), output.detach())
+        if fp32:
+            by_layer[id(module)].take_output(state["batch"], output.detach())
+        else:
+            by_layer[id(module)].take_input(state["batch"], args[0].detach(), output.detach())
         if module is last:
             raise _StopForward
 
     by_layer = {id(c.layer): c for c in caches}
     handles = [c.layer.register_forward_hook(hook) for c in caches]
     try:
-        with eval_mode(sim.model), torch.no_grad():
+        with (float_mode(sim) if fp32 else contextlib.nullcontext()), eval_mode(sim.model), torch.no_grad():
             for i, batch in enumerate(tqdm(batches, desc=desc, leave=False, disable=not progress)):
                 state["batch"] = i
                 try:
@@ -247,7 +266,7 @@ def _check_args(num_iterations, reg_param, beta_range, warm_start) -> int:
 def apply_adaround(sim, data: Iterable[Any], num_batches: Optional[int] = None, num_iterations: Optional[int] = None,
                    reg_param: float = 0.01, beta_range: tuple[float, float] = (20, 2), warm_start: float = 0.2, *,
                    rows: int = 2048, batch_rows: int = 256, lr: float = 1e-2, memory_mb: int = 1024,
-                   progress: bool = True, seed: int = 0) -> AdaroundReport:
+                   target: str = "float_weights", progress: bool = True, seed: int = 0) -> AdaroundReport:
     """Learn the rounding of every Conv2d / Linear weight of a calibrated ``sim``; write the
     rounded weights into ``sim.model``, freeze those weight encodings, and re-compute the
     activation encodings on the same data.
@@ -273,6 +292,12 @@ def apply_adaround(sim, data: Iterable[Any], num_batches: Optional[int] = None, 
         lr: Adam learning rate for ``V``.
         memory_mb: cache budget; layers are cached in groups that fit, and each group's inputs
             come from the simulation with the earlier groups already rounded.
+        target: what each layer reconstructs. ``"float_weights"``: its own output with float
+            weights on the same quantized inputs (one pass over the data for all layers that
+            fit ``memory_mb``). ``"fp32_outputs"``: the FP32 network's output of that layer
+            (AdaRound's asymmetric reconstruction), with inputs re-read from the simulation
+            after each layer is rounded -- one (partial) pass per layer: slower, and it also
+            makes up for error from upstream.
         progress: show tqdm bars.
 
     Returns:
@@ -297,6 +322,8 @@ def apply_adaround(sim, data: Iterable[Any], num_batches: Optional[int] = None, 
     from tqdm.auto import tqdm
 
     num_iterations = _check_args(num_iterations, reg_param, beta_range, warm_start)
+    if target not in TARGETS:
+        raise QuantConfigError(f"apply_adaround: unknown target '{target}'." + did_you_mean(str(target), TARGETS))
     check_calibrated(sim, "apply_adaround")
     batches = take_batches(data, num_batches, "apply_adaround")
     layers = weighted_layers(sim)
@@ -321,6 +348,13 @@ def apply_adaround(sim, data: Iterable[Any], num_batches: Optional[int] = None, 
         used += need
     if current:
         groups.append(current)
+    fp32_caches: dict[str, _Cache] = {}
+    if target == "fp32_outputs":
+        groups = [[item] for item in todo]
+        index = {item[1]: i for i, item in enumerate(todo)}
+        fp32_caches = {name: _Cache(layer, index[name], per_batch) for _, name, layer in todo}
+        if todo:
+            _fill(sim, list(fp32_caches.values()), batches, device, "AdaRound: FP32 layer outputs", progress, fp32=True)
 
     originals: dict[str, torch.Tensor] = {}  # for undoing on an error
     done: list[str] = []
@@ -336,10 +370,13 @@ def apply_adaround(sim, data: Iterable[Any], num_batches: Optional[int] = None, 
                 x = torch.cat(cache.x).to(device)
                 cache.x = []
                 with torch.no_grad():
-                    y = _grouped_matmul(x, layer.weight.detach().float().reshape(layer.weight.shape[0], -1),
-                                        getattr(layer, "groups", 1))
-                    if layer.bias is not None:
-                        y = y + layer.bias.detach().float()
+                    if name in fp32_caches:
+                        y = torch.cat(fp32_caches.pop(name).y).to(device)
+                    else:
+                        y = _grouped_matmul(x, layer.weight.detach().float().reshape(layer.weight.shape[0], -1),
+                                            getattr(layer, "groups", 1))
+                        if layer.bias is not None:
+                            y = y + layer.bias.detach().float()
                 with torch.enable_grad():
                     w_new, near, ada, changed = _optimize_layer(layer, x, y, num_iterations, reg_param, tuple(beta_range),
                                                                 warm_start, batch_rows, lr, generator)
