@@ -76,3 +76,21 @@ def test_to_cpu_keeps_the_grid():
     cpu = enc.to_cpu()
     assert cpu is not enc and torch.equal(cpu.scale, enc.scale) and torch.equal(cpu.offset, enc.offset)
     assert (cpu.bitwidth, cpu.symmetric, cpu.axis) == (4, False, 1) and cpu.scale.device.type == "cpu"
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bw", [4, 8, 16])
+def test_reference_quantize_dequantize_saturates_at_the_grid_ends(symmetric, bw):
+    enc = Encoding.from_min_max(torch.tensor([-0.3, -2.0]), torch.tensor([1.7, 0.5]), bw, symmetric, axis=1)
+    lo, hi = enc.min.reshape(1, 2), enc.max.reshape(1, 2)
+    x = torch.cat([lo - 1e3, hi + 1e3, lo - 0.49 * enc.scale, hi + 0.49 * enc.scale, lo, hi]).double()
+    out = enc.quantize_dequantize(x)
+    assert torch.equal(out, torch.cat([lo, hi, lo, hi, lo, hi]))
+
+
+def test_onnx_zero_point_is_int64():
+    for symmetric in (False, True):
+        enc = Encoding.from_min_max(torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 3.0]), 8, symmetric, axis=0)
+        zp = enc.onnx_zero_point()
+        assert zp.dtype == torch.int64 and zp.shape == (2,)
+        assert zp.tolist() == ([0, 0] if symmetric else [-int(o) for o in enc.offset])
