@@ -94,3 +94,13 @@ def test_onnx_zero_point_is_int64():
         zp = enc.onnx_zero_point()
         assert zp.dtype == torch.int64 and zp.shape == (2,)
         assert zp.tolist() == ([0, 0] if symmetric else [-int(o) for o in enc.offset])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_range_is_the_requested_range(symmetric):
+    enc = Encoding.from_min_max(torch.tensor(-0.5), torch.tensor(1.27), 8, symmetric)
+    lo, hi = enc.range()
+    if symmetric:  # +-scale * 127
+        assert float(lo) == -float(hi) and float(hi) == pytest.approx(float(torch.tensor(1.27)), rel=1e-12)
+    else:  # the grid's ends
+        assert float(lo) == float(enc.min) and float(hi) == float(enc.max)

@@ -111,7 +111,7 @@ def test_freeze_after_learning_keeps_the_learned_grid(axis):
 
 def test_uncalibrated_forward_raises():
     q = QuantizeDequantize(name="layer.output")
-    with pytest.raises(NotCalibratedError, match="compute_encodings"):
+    with pytest.raises(NotCalibratedError, match=r"quantizer 'layer.output' has no encoding.*compute_encodings"):
         q(torch.zeros(3))
 
 
@@ -190,6 +190,41 @@ def test_values_rounded_onto_the_grid_ends_keep_their_gradient(learnable):
     x = torch.tensor([0.0, -0.4 * s, -0.6 * s, 2.0, 2.0 + 0.4 * s, 2.0 + 0.6 * s], requires_grad=True)
     q(x).sum().backward()
     assert x.grad.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gradient_mask_edges_on_a_power_of_two_grid(symmetric, learnable):
+    """Exact quotients: the input gradient is 1 strictly inside half a step of the grid's ends
+    and 0 from exactly half a step out (the lowest level of a symmetric grid included), in the
+    module's fast paths and in the autograd reference alike."""
+    from qat_plugin.quantizer import fake_quantize
+
+    off = -8.0 if symmetric else -3.0
+    q = QuantizeDequantize((), 4, symmetric, learnable=learnable)
+    q.set_encoding(Encoding(torch.tensor(0.25, dtype=torch.float64), torch.tensor(off, dtype=torch.float64), 4, symmetric))
+    lo, hi = off, off + 15  # grid ends in steps
+    steps = torch.tensor([lo - 0.5, lo - 0.25, lo, lo + 0.5, hi - 0.5, hi, hi + 0.25, hi + 0.5])
+    x = (steps * 0.25).requires_grad_()
+    q(x).sum().backward()
+    expected = [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    assert x.grad.tolist() == expected
+    xr = (steps * 0.25).requires_grad_()
+    fake_quantize(xr, torch.tensor(0.25), torch.tensor(off), 4).sum().backward()
+    assert xr.grad.tolist() == expected
+
+
+def test_reference_grad_factor_scales_a_learned_scale_with_a_fixed_offset():
+    """``fake_quantize``'s ``grad_factor`` applies when only the scale learns (symmetric grids)."""
+    from qat_plugin.quantizer import fake_quantize
+
+    x = torch.tensor([-0.3, 0.11, 0.52, 2.0])
+    grads = []
+    for factor in (1.0, 0.25):
+        s = torch.tensor(0.1, requires_grad=True)
+        fake_quantize(x, s, torch.tensor(-8.0), 4, factor).sum().backward()
+        grads.append(float(s.grad))
+    assert grads[1] == pytest.approx(0.25 * grads[0]) and grads[0] != 0
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
