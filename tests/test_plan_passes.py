@@ -1,0 +1,135 @@
+"""Each pass of the placement plan on a tiny graph (qat_plugin/graph/plan.py).
+
+Given a captured graph with shapes propagated, each pass is a pure function: BN folds,
+supergroups, value origins (data / mask / constant), sites, model outputs, shared encodings,
+bias sources.
+"""
+import torch
+from torch import fx, nn
+
+from qat_plugin.config import load_config
+from qat_plugin.graph.plan import (ACTIVATION, CONSTANT, MASK, _PlanGraph, bias_sources, drop_model_outputs,
+                                   fold_batch_norms, match_supergroups, place_sites, share_encodings, value_origins)
+from qat_plugin.graph.trace import capture, propagate_shapes
+
+
+def graph_of(model, *args):
+    gm = capture(model)
+    propagate_shapes(gm, args)
+    return _PlanGraph(gm, frozenset())
+
+
+class ConvBnRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.relu(self.bn(self.conv(x)))
+        z = self.conv2(y)
+        return self.bn2(z) + z  # conv2 has two users: its BN is not folded
+
+
+def test_fold_batch_norms_folds_only_single_user_pairs():
+    g = graph_of(ConvBnRelu().eval(), torch.randn(1, 3, 8, 8))
+    assert {c.name: b.name for c, b in fold_batch_norms(g).items()} == {"conv": "bn"}
+
+
+def test_match_supergroups_takes_the_longest_chain_with_the_folded_bn():
+    g = graph_of(ConvBnRelu().eval(), torch.randn(1, 3, 8, 8))
+    folds = fold_batch_norms(g)
+    group_of, groups = match_supergroups(g, load_config("default"), folds)
+    assert [tuple(n.name for n in grp) for grp in groups] == [("conv", "bn", "relu")]
+    assert group_of[next(n for n in g.nodes if n.name == "relu")][0].name == "conv"
+
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x, mask):
+        additive = (1.0 - mask[:, None, :].float()) * torch.finfo(torch.float32).min
+        scores = x @ x.transpose(-1, -2)
+        return torch.softmax(scores + additive + self.table, -1)
+
+
+def test_value_origins_tell_data_masks_and_constants_apart():
+    g = graph_of(Masked().eval(), torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.long))
+    origin = {n.name: o for n, o in value_origins(g).items()}
+    assert origin["x"] == ACTIVATION and origin["mask"] == MASK
+    assert origin["mul"] == MASK  # the additive mask, made from the int mask only
+    assert origin["table"] == CONSTANT and origin["matmul"] == ACTIVATION
+
+
+def test_place_sites_keeps_masks_and_their_sums_out_of_every_quantizer():
+    g = graph_of(Masked().eval(), torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.long))
+    cfg = load_config("default")
+    folds = fold_batch_norms(g)
+    group_of, _ = match_supergroups(g, cfg, folds)
+    walk = place_sites(g, cfg, folds, group_of, value_origins(g), param_bw=8, output_bw=8)
+    quantized = {name for s in walk.sites.values() for name in s.nodes}
+    assert quantized == {"x", "matmul", "softmax"}  # not mul (the mask), add, add_1 (scores + mask + table)
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return y, self.b(y)
+
+
+def test_drop_model_outputs_keeps_a_site_for_its_other_consumers():
+    g = graph_of(TwoOutputs().eval(), torch.randn(2, 4))
+    cfg = load_config({"model_output": {"is_output_quantized": False}})
+    folds = fold_batch_norms(g)
+    group_of, _ = match_supergroups(g, cfg, folds)
+    walk = place_sites(g, cfg, folds, group_of, value_origins(g), param_bw=8, output_bw=8)
+    sites = drop_model_outputs(g, cfg, walk.sites, walk.source, folds)
+    assert sites["a_output"].consumers == ("b",)  # the model output 'a' itself stays float
+    assert "b_output" not in sites
+
+
+class Cat(nn.Module):
+    def forward(self, x, y):
+        return torch.cat([torch.relu(x), torch.sigmoid(y)], 1)
+
+
+def test_share_encodings_merges_a_tensorrt_concat_into_one_site():
+    g = graph_of(Cat(), torch.randn(1, 2), torch.randn(1, 2))
+    cfg = load_config("tensorrt")
+    folds = fold_batch_norms(g)
+    group_of, _ = match_supergroups(g, cfg, folds)
+    walk = place_sites(g, cfg, folds, group_of, value_origins(g), param_bw=8, output_bw=8)
+    merged = share_encodings(walk.sites, walk.uf)
+    shared = [s for s in merged.values() if len(s.nodes) > 1]
+    assert len(shared) == 1 and set(shared[0].nodes) == {"relu", "sigmoid"}
+
+
+def test_bias_sources_point_each_bias_at_its_input_site():
+    g = graph_of(ConvBnRelu().eval(), torch.randn(1, 3, 8, 8))
+    cfg = load_config("default")
+    folds = fold_batch_norms(g)
+    group_of, _ = match_supergroups(g, cfg, folds)
+    walk = place_sites(g, cfg, folds, group_of, value_origins(g), param_bw=8, output_bw=8)
+    merged = bias_sources(g, cfg, share_encodings(walk.sites, walk.uf), walk, folds)
+    assert merged["conv.weight"].bias_from == "x_input" and merged["conv2.weight"].bias_from == "relu_output"
+    no_bias = load_config({"params": {"bias": {"is_quantized": False}}})
+    assert bias_sources(g, no_bias, merged, walk, folds) == merged and \
+        all(s.bias_from is None for s in share_encodings(walk.sites, walk.uf).values())
+
+
+def test_passes_are_pure():
+    model = ConvBnRelu().eval()
+    g = graph_of(model, torch.randn(1, 3, 8, 8))
+    before = [(n.name, n.op, str(n.target)) for n in g.nodes]
+    cfg = load_config("default")
+    folds = fold_batch_norms(g)
+    match_supergroups(g, cfg, folds)
+    place_sites(g, cfg, folds, match_supergroups(g, cfg, folds)[0], value_origins(g), param_bw=8, output_bw=8)
+    assert [(n.name, n.op, str(n.target)) for n in g.nodes] == before
+    assert isinstance(fx.GraphModule, type)
