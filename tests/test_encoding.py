@@ -104,3 +104,19 @@ def test_range_is_the_requested_range(symmetric):
         assert float(lo) == -float(hi) and float(hi) == pytest.approx(float(torch.tensor(1.27)), rel=1e-12)
     else:  # the grid's ends
         assert float(lo) == float(enc.min) and float(hi) == float(enc.max)
+
+
+@pytest.mark.parametrize("scale, offset, axis, message", [
+    (torch.tensor(0.0), torch.tensor(0.0), None, "scale must be positive"),
+    (torch.tensor([0.1, -0.1]), torch.tensor([0.0, 0.0]), 0, "scale must be positive"),
+    (torch.tensor([0.1, 0.2]), torch.tensor(0.0), 0, "same shape"),
+    (torch.tensor([0.1, 0.2]), torch.tensor([0.0, 0.0]), None, "pass axis for per-channel"),
+])
+def test_invalid_encodings_say_what_is_wrong(scale, offset, axis, message):
+    with pytest.raises(ValueError, match=message):
+        Encoding(scale, offset, 8, False, axis)
+
+
+def test_degenerate_range_gets_the_floor_scale():
+    enc = Encoding.from_min_max(torch.tensor(0.0), torch.tensor(0.0), 8, False)
+    assert float(enc.scale) == torch.finfo(torch.float32).tiny * 2**10 and int(enc.offset) == 0

@@ -28,6 +28,9 @@ def test_from_min_max_holds_zero_and_covers_the_range(a, b, bitwidth, symmetric)
     lo, hi = min(a, b), max(a, b)
     enc = Encoding.from_min_max(_t(lo), _t(hi), bitwidth, symmetric)
     scale, n = float(enc.scale), num_steps(bitwidth)
+    # the scale is the documented formula over the range widened to hold 0 (or the floor scale)
+    width = max(-min(lo, 0.0), max(hi, 0.0)) / (2 ** (bitwidth - 1) - 1) if symmetric else (max(hi, 0.0) - min(lo, 0.0)) / n
+    assert scale == max(width, torch.finfo(torch.float32).tiny * 2**10)
     assert scale > 0 and -n <= float(enc.offset) <= 0 and float(enc.offset) == round(float(enc.offset))
     assert float(enc.quantize_dequantize(_t(0.0))) == 0.0  # zero is a grid point
     # every value of [min(lo, 0), max(hi, 0)] is within half a step of the grid: nothing clips
