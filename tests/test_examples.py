@@ -36,7 +36,8 @@ def test_export_and_verify(tmp_path):
 
 
 def test_ptq_toolbox(tmp_path):
-    results = load("ptq_toolbox").main(["--warmup-steps", "40", "--qat-steps", "5", "--adaround-iterations", "20",
+    results = load("ptq_toolbox").main(["--warmup-steps", "20", "--qat-steps", "3", "--adaround-iterations", "10",
                                         "--out", str(tmp_path)])
-    assert results["FP32 after CLE"] == results["FP32"]  # CLE keeps the FP32 function (ResNet has no ReLU6)
+    # CLE keeps the FP32 function (resnet18 has no ReLU6): at most one of 359 images may flip on float error
+    assert abs(results["FP32 after CLE"] - results["FP32"]) < 0.3
     assert os.path.exists(tmp_path / "model.onnx") and os.path.exists(tmp_path / "model.encodings")

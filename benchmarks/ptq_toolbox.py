@@ -1,0 +1,219 @@
+"""Post-training toolbox and label-free distillation on digits, and AdaRound's cost at 224x224.
+
+    python benchmarks/ptq_toolbox.py [--parts accuracy distill timing] [--models mobilenet_v2 resnet18]
+
+accuracy: trains each torchvision model briefly on scikit-learn's bundled digits (32x32, as
+  benchmarks/ptq_accuracy.py), then prints validation accuracy of the simulation for
+  W4A8 nearest rounding vs AdaRound (defaults; both reconstruction targets), and W8A8
+  per-channel vs per-tensor, per-tensor with CLE (ReLU6 skipped / replaced by ReLU) and bias
+  correction. (adaround: only the W4A8 rows.)
+distill: W4A8 QAT from the same PTQ start, trained on labels (cross-entropy) or on the FP32
+  teacher's outputs without labels (KL, temperature 4), same steps, data order, seeds.
+timing: apply_adaround's defaults on torchvision resnet50 (random weights, 53 Conv/Linear
+  layers), 128 images of 224x224 in batches of 16, W4A8, with the stage times.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import accuracy, batches, markdown_table, train_fp32  # noqa: E402
+
+from qat_plugin import QuantSimModel  # noqa: E402
+from qat_plugin.distillation import Distiller  # noqa: E402
+from qat_plugin.ptq import apply_adaround, correct_bias, equalize_model  # noqa: E402
+
+warnings.filterwarnings("ignore")
+PER_TENSOR = {"name": "default-per-tensor", "defaults": {"per_channel_quantization": False},
+              "supergroups": [{"op_list": ["Conv", "BatchNormalization", "Relu"]},
+                              {"op_list": ["Conv", "BatchNormalization", "Clip"]},
+                              {"op_list": ["Add", "Relu"]}, {"op_list": ["Gemm", "Relu"]}]}
+
+
+def fp32_model(name, epochs, cache_dir, log=print):
+    path = os.path.join(cache_dir, f"{name}_{epochs}.pt") if cache_dir else None
+    if path and os.path.exists(path):
+        from qat_plugin.data import digits_tensors
+
+        model = getattr(torchvision.models, name)(num_classes=10)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        log(f"  loaded {path}")
+        return model.eval(), digits_tensors()
+    model, data = train_fp32(name, epochs, log=log)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model, data
+
+
+def calibrated(model, calib, pbw, abw, config=None):
+    sim = QuantSimModel(model, calib[0], quant_scheme="tf_enhanced", param_quant_scheme="tf",
+                        default_param_bw=pbw, default_output_bw=abw, config_file=config)
+    sim.compute_encodings(lambda m, _: [m(x) for x in calib])
+    return sim
+
+
+def accuracy_rows(name, model, data, adaround_only=False, targets=("float_weights", "fp32_outputs"), log=print):
+    x_tr, y_tr, x_va, y_va = data
+    calib = [x_tr[i:i + 32] for i in range(0, 256, 32)]  # 256 training images, as calibration
+    fp32 = accuracy(model, x_va, y_va)
+    acc = lambda sim: accuracy(sim.model, x_va, y_va)
+    rows = [[name, "FP32", f"{fp32:.2f}", "", ""]]
+    near = calibrated(model, calib, 4, 8)
+    a_near = acc(near)
+    rows.append([name, "W4A8 nearest", f"{a_near:.2f}", f"{a_near - fp32:+.2f}", ""])
+    for target in targets:
+        ada = calibrated(model, calib, 4, 8)
+        t0 = time.perf_counter()
+        report = apply_adaround(ada, calib, target=target, progress=False)
+        secs = time.perf_counter() - t0
+        ratios = [l.mse_adaround / l.mse_nearest for l in report.layers if not l.skipped and l.mse_nearest > 0]
+        a_ada = acc(ada)
+        rows.append([name, f"W4A8 AdaRound (defaults, target={target})", f"{a_ada:.2f}", f"{a_ada - fp32:+.2f}",
+                     f"{secs:.0f} s wall (shared cores); layer MSE / nearest median {statistics.median(ratios):.3f}"])
+        log(f"  {name}: W4A8 nearest {a_near:.2f}, AdaRound target={target} {a_ada:.2f} ({secs:.0f} s)")
+    if adaround_only:
+        return rows
+    a_pc = acc(calibrated(model, calib, 8, 8))
+    rows.append([name, "W8A8 per-channel", f"{a_pc:.2f}", f"{a_pc - fp32:+.2f}", ""])
+    a_pt = acc(calibrated(model, calib, 8, 8, PER_TENSOR))
+    rows.append([name, "W8A8 per-tensor", f"{a_pt:.2f}", f"{a_pt - fp32:+.2f}", f"{a_pt - a_pc:+.2f} vs per-channel"])
+    a_bc = None
+    for relu6 in ("skip", "relu"):
+        m = copy.deepcopy(model).eval()
+        equalize_model(m, calib[0], relu6=relu6)
+        fp_cle = accuracy(m, x_va, y_va)
+        sim = calibrated(m, calib, 8, 8, PER_TENSOR)
+        a_cle = acc(sim)
+        correct_bias(sim, calib, progress=False)
+        a_bc = acc(sim)
+        note = f"FP32 after CLE {fp_cle:.2f}"
+        rows.append([name, f"W8A8 per-tensor + CLE (relu6={relu6})", f"{a_cle:.2f}", f"{a_cle - fp32:+.2f}", note])
+        rows.append([name, f"W8A8 per-tensor + CLE (relu6={relu6}) + bias corr.", f"{a_bc:.2f}", f"{a_bc - fp32:+.2f}",
+                     f"{a_bc - a_pc:+.2f} vs per-channel"])
+        log(f"  {name}: per-tensor CLE relu6={relu6}: {a_cle:.2f}, + BC {a_bc:.2f} (FP32 after CLE {fp_cle:.2f})")
+    sim = calibrated(model, calib, 8, 8, PER_TENSOR)
+    correct_bias(sim, calib, progress=False)
+    a = acc(sim)
+    rows.append([name, "W8A8 per-tensor + bias corr. (no CLE)", f"{a:.2f}", f"{a - fp32:+.2f}", ""])
+    return rows
+
+
+def qat(sim, data, epochs, lr, seed, distiller=None):
+    x_tr, y_tr = data
+    torch.manual_seed(seed)
+    model = sim.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = epochs * ((len(y_tr) + 63) // 64)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for epoch in range(epochs):
+        model.train()
+        for xb, yb in batches(x_tr, y_tr, 64, shuffle=True, seed=seed * 1000 + epoch):
+            logits = model(xb)
+            loss = distiller.loss(logits, xb) if distiller is not None else F.cross_entropy(logits, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return sim
+
+
+def distill_rows(name, model, data, epochs, lr, seeds, temperature, log=print):
+    x_tr, y_tr, x_va, y_va = data
+    calib = [x_tr[i:i + 64] for i in range(0, 512, 64)]
+    fp32 = accuracy(model, x_va, y_va)
+    ptq = accuracy(calibrated(model, calib, 4, 8).model, x_va, y_va)
+    res = {"labels": [], "distill": []}
+    for seed in range(seeds):
+        for kind in res:
+            sim = calibrated(copy.deepcopy(model), calib, 4, 8)
+            distiller = Distiller(model, temperature=temperature) if kind == "distill" else None
+            qat(sim, (x_tr, y_tr), epochs, lr, seed, distiller)
+            res[kind].append(accuracy(sim.model, x_va, y_va))
+            log(f"  {name} seed {seed} {kind}: {res[kind][-1]:.2f}")
+    mean = {k: statistics.mean(v) for k, v in res.items()}
+    diff = [d - l for l, d in zip(res["labels"], res["distill"])]
+    return [[name, f"{fp32:.2f}", f"{ptq:.2f}", " / ".join(f"{v:.2f}" for v in res["labels"]), f"{mean['labels']:.2f}",
+             " / ".join(f"{v:.2f}" for v in res["distill"]), f"{mean['distill']:.2f}",
+             f"{statistics.mean(diff):+.2f}"]]
+
+
+def timing(n_images=128, batch=16, log=print):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    data = [torch.randn(batch, 3, 224, 224) for _ in range(n_images // batch)]
+    t0 = time.perf_counter()
+    sim = QuantSimModel(model, data[0][:1], quant_scheme="tf_enhanced", param_quant_scheme="tf", default_param_bw=4)
+    t_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sim.compute_encodings(lambda m, _: [m(x) for x in data])
+    t_cal = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    t_fwd = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    report = apply_adaround(sim, data, progress=True)
+    t_ada, c_ada = time.perf_counter() - t0, time.process_time() - c0
+    layers = sum(not l.skipped for l in report.layers)
+    ratios = [l.mse_adaround / l.mse_nearest for l in report.layers if not l.skipped and l.mse_nearest > 0]
+    log(str(report))
+    return [["resnet50 (random weights), 128 x 224x224, W4A8", str(layers), f"{t_fwd:.0f}", f"{t_cal:.0f}",
+             f"{t_ada:.0f} ({t_ada / 60:.1f} min)", f"{c_ada:.0f} ({c_ada / 60:.1f} min)", f"{t_ada / t_fwd:.1f}x",
+             f"{statistics.median(ratios):.3f}"]]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", nargs="+", default=["accuracy", "distill", "timing"],
+                   choices=["accuracy", "adaround", "distill", "timing"])
+    p.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18"])
+    p.add_argument("--epochs", type=int, default=8, help="FP32 training epochs")
+    p.add_argument("--targets", nargs="+", default=["float_weights", "fp32_outputs"], help="AdaRound targets to compare")
+    p.add_argument("--qat-epochs", type=int, default=4)
+    p.add_argument("--qat-lr", type=float, default=0.005)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--cache-dir", default=None, help="keep the trained FP32 weights here between runs")
+    args = p.parse_args(argv)
+    logging.getLogger("qat_plugin.ptq").setLevel(logging.ERROR)
+    out = []
+    models = {}
+    if {"accuracy", "adaround", "distill"} & set(args.parts):
+        models = {n: fp32_model(n, args.epochs, args.cache_dir) for n in args.models}
+    if "accuracy" in args.parts or "adaround" in args.parts:
+        rows = []
+        for name, (model, data) in models.items():
+            rows += accuracy_rows(name, model, data, adaround_only="accuracy" not in args.parts, targets=args.targets)
+        out.append(markdown_table(["model", "variant", "val acc %", "vs FP32", "note"], rows))
+    if "distill" in args.parts:
+        rows = []
+        for name, (model, data) in models.items():
+            rows += distill_rows(name, model, data, args.qat_epochs, args.qat_lr, args.seeds, args.temperature)
+        out.append(markdown_table(["model", "FP32 %", "PTQ W4A8 %", "QAT labels % (per seed)", "mean",
+                                   "QAT distill, no labels % (per seed)", "mean", "distill - labels"], rows))
+    if "timing" in args.parts:
+        out.append(markdown_table(["network", "layers", "FP32 forward s", "compute_encodings s",
+                                   "apply_adaround wall s", "apply_adaround CPU s (all threads)", "wall vs FP32 forward",
+                                   "layer MSE / nearest (median)"], timing()))
+    print()
+    print("\n\n".join(out))
+    print(f"\ndigits: 360 validation images (1 image = 0.28 pt); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; the machine's 2 cores were shared with other jobs")
+
+
+if __name__ == "__main__":
+    main()
