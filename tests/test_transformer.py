@@ -272,3 +272,15 @@ def test_capture_method_is_validated_and_fx_stays_for_traceable_models():
     assert [s.key for s in exported.quantizer_sites()] == [s.key for s in sim.quantizer_sites()][:1] + \
         [s.key for s in exported.quantizer_sites()][1:]
     assert [s.op for s in exported.quantizer_sites()] == [s.op for s in sim.quantizer_sites()]
+
+
+def test_verify_compares_token_models_and_its_cli_makes_token_inputs(bert_sim, tmp_path, capsys):
+    from qat_plugin.export.verify import main, verify
+
+    _, sim = bert_sim
+    res = sim.export(tmp_path, "bert", token_batch(2, 16, 0))
+    report = verify(res.onnx_path, sim, token_batch(8, 20, 3), batch_size=4)
+    assert report.n_inputs == 8 and report.float_compute_ops == 0
+    assert report.max_abs_diff <= 1e-5  # measured 0.0: ORT's integer kernels equal the simulation here
+    assert main([res.onnx_path, "--n", "6", "--seq", "12", "--vocab", "100"]) == 0
+    assert "inputs compared" in capsys.readouterr().out

@@ -143,10 +143,33 @@ def median_latency(path: str, input_shape: Sequence[int], runs: int = 20, thread
     return float(np.median(times))
 
 
-def _run(sess, inputs: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: np.ascontiguousarray(x[i:i + batch_size])})[0]
-                           for x in inputs for i in range(0, len(x), batch_size)])
+def _parts(x) -> tuple:
+    """One batch as a tuple of arrays, one per model input (token models take ids and a mask)."""
+    return tuple(x) if isinstance(x, tuple) else (x,)
+
+
+def _slice(x, i: int, j: int):
+    return tuple(np.ascontiguousarray(a[i:j]) for a in _parts(x))
+
+
+def _first_tensor(out) -> torch.Tensor:
+    """The first tensor of a model's output (a tensor, a tuple, or a transformers ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if hasattr(out, "values") else out
+    return next(v for v in values if isinstance(v, torch.Tensor))
+
+
+def _run(sess, inputs: Sequence, batch_size: int) -> np.ndarray:
+    names = [i.name for i in sess.get_inputs()]
+    return np.concatenate([sess.run(None, dict(zip(names, _slice(x, i, i + batch_size))))[0]
+                           for x in inputs for i in range(0, len(_parts(x)[0]), batch_size)])
+
+
+def _perturb_floats(x, rel: float, seed: int):
+    out = tuple((a * _perturbation(a.shape, rel, seed).numpy()).astype(np.float32) if a.dtype.kind == "f" else a
+                for a in _parts(x))
+    return out if isinstance(x, tuple) else out[0]
 
 
 def compare(out: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
@@ -177,7 +200,7 @@ def _reference_runner(onnx_path: str, reference, threads: Optional[int]):
 
         def run(arrays, batch_size, rel=0.0):
             if rel:
-                arrays = [(a * _perturbation(a.shape, rel, 0).numpy()).astype(np.float32) for a in arrays]
+                arrays = [_perturb_floats(a, rel, 0) for a in arrays]
             return _run(sess, arrays, batch_size)
         return run
 
@@ -192,13 +215,14 @@ def _reference_runner(onnx_path: str, reference, threads: Optional[int]):
                 return (args[0] * _perturbation(args[0].shape, rel, calls[0]).to(args[0]),) + tuple(args[1:])
             hooks = [q.register_forward_pre_hook(perturb) for q in quantizers]
         elif rel:
-            arrays = [(a * _perturbation(a.shape, rel, 0).numpy()).astype(np.float32) for a in arrays]
+            arrays = [_perturb_floats(a, rel, 0) for a in arrays]
         was = module.training
         module.eval()
         try:
             with torch.no_grad():
-                return np.concatenate([module(torch.from_numpy(a[i:i + batch_size])).numpy()
-                                       for a in arrays for i in range(0, len(a), batch_size)])
+                return np.concatenate([
+                    _first_tensor(module(*(torch.from_numpy(p) for p in _slice(a, i, i + batch_size)))).numpy()
+                    for a in arrays for i in range(0, len(_parts(a)[0]), batch_size)])
         finally:
             module.train(was)
             for h in hooks:
@@ -215,8 +239,9 @@ def noise_floor(run, arrays: Sequence[np.ndarray], batch_size: int, reference_ou
     inputs in batches of ``batch_size``.
     """
     perturbed = compare(run(arrays, batch_size, rel), reference_out)[1]
-    first = np.concatenate(arrays)[:batch_inputs]
-    batch = compare(run([first], 1), reference_out[:len(first)])[1]
+    first = tuple(np.concatenate([_parts(a)[k] for a in arrays])[:batch_inputs] for k in range(len(_parts(arrays[0]))))
+    first = first if isinstance(arrays[0], tuple) else first[0]
+    batch = compare(run([first], 1), reference_out[:len(_parts(first)[0])])[1]
     return perturbed, batch
 
 
@@ -227,7 +252,9 @@ def verify(onnx_path: str, reference=None, inputs=None, batch_size: int = 64, th
 
     ``reference``: a ``QuantSimModel`` or ``nn.Module`` (run in torch, eval mode), or ``None``
     (the same file in ORT with optimizations disabled). ``inputs``: a tensor/array or a list of
-    them (batched along dim 0). ``floor``: also measure :func:`noise_floor` (two more reference
+    them (batched along dim 0); for a model with several inputs (token ids and an attention
+    mask), a tuple with one array per input, or a list of such tuples. Outputs compared: the
+    first (a ModelOutput's first field, e.g. ``last_hidden_state``). ``floor``: also measure :func:`noise_floor` (two more reference
     runs); ``report.within_floor`` then says whether ORT vs reference is within
     ``floor_margin_db`` of it.
 
@@ -235,10 +262,14 @@ def verify(onnx_path: str, reference=None, inputs=None, batch_size: int = 64, th
     >>> report.sqnr_db, report.floor_sqnr_db, report.within_floor         # doctest: +SKIP
     (44.9, 42.5, True)
     """
-    if isinstance(inputs, (torch.Tensor, np.ndarray)):
+    if isinstance(inputs, (torch.Tensor, np.ndarray, tuple)):
         inputs = [inputs]
-    arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]
-    arrays = [a.astype(np.float32) for a in arrays]
+
+    def as_array(x):
+        a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        return a.astype(np.float32) if a.dtype.kind == "f" else a  # token ids and masks stay integer
+
+    arrays = [tuple(as_array(p) for p in x) if isinstance(x, tuple) else as_array(x) for x in inputs]
     out = _run(session(onnx_path, True, threads), arrays, batch_size)
     run = _reference_runner(onnx_path, reference, threads)
     ref = run(arrays, batch_size)
@@ -266,22 +297,46 @@ def qdq_mix(path: str) -> dict:
     return dict(mix)
 
 
+def random_inputs(graph_inputs, *, n: int, seq: int = 32, vocab: int = 100, seed: int = 0):
+    """Random inputs for an ONNX graph's inputs: standard normal floats (dynamic dimensions: ``n``);
+    integer inputs are token ids in ``[0, vocab)``, or an attention mask (name holding "mask") of
+    ones with random right padding, ``(n, seq)``. One array, or a tuple for several inputs."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for gi in graph_inputs:
+        tt = gi.type.tensor_type
+        dims = [d.dim_value if d.dim_value > 0 else None for d in tt.shape.dim]
+        if tt.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            out.append(rng.standard_normal([d or n for d in dims]).astype(np.float32))
+            continue
+        shape = [dims[0] or n] + [d or seq for d in dims[1:]]
+        if "mask" in gi.name.lower():
+            lengths = rng.integers(max(1, shape[-1] // 2), shape[-1] + 1, size=shape[0])
+            out.append((np.arange(shape[-1])[None] < lengths[:, None]).astype(np.int64))
+        else:
+            out.append(rng.integers(0, vocab, size=shape).astype(np.int64))
+    return tuple(out) if len(out) > 1 else out[0]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qat_plugin.export.verify", description=__doc__.splitlines()[0])
     p.add_argument("onnx_path")
-    p.add_argument("--inputs", help=".npy file of inputs (default: standard normal, shape from the model)")
+    p.add_argument("--inputs", help=".npy file of inputs, or .npz with one array per model input name (default: "
+                                    "random inputs shaped like the model's)")
     p.add_argument("--n", type=int, default=256, help="random inputs when --inputs is not given")
+    p.add_argument("--seq", type=int, default=32, help="sequence length of random token inputs")
+    p.add_argument("--vocab", type=int, default=100, help="random token ids are drawn from [0, vocab)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-sqnr", type=float, default=None, help="exit 1 if the logit SQNR is below this")
     p.add_argument("--max-below-floor", type=float, default=None,
                    help="exit 1 if the logit SQNR is more than this many dB below the reference's own noise floor")
     args = p.parse_args(argv)
+    graph_inputs = onnx.load(args.onnx_path).graph.input
     if args.inputs:
-        x = np.load(args.inputs)
+        loaded = np.load(args.inputs)
+        x = tuple(loaded[i.name] for i in graph_inputs) if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
     else:
-        shape = [d.dim_value if d.dim_value > 0 else args.n
-                 for d in onnx.load(args.onnx_path).graph.input[0].type.tensor_type.shape.dim]
-        x = np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)
+        x = random_inputs(graph_inputs, n=args.n, seq=args.seq, vocab=args.vocab, seed=args.seed)
     margin = args.max_below_floor if args.max_below_floor is not None else 3.0
     report = verify(args.onnx_path, None, x, floor_margin_db=margin)
     print(report)
