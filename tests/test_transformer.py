@@ -23,10 +23,11 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.fil
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_bert(seed=0):
+def tiny_bert(seed=0, dropout=0.1):
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64)
+                                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                                  attention_probs_dropout_prob=dropout)
     return transformers.BertModel(cfg).eval()
 
 
@@ -284,3 +285,72 @@ def test_verify_compares_token_models_and_its_cli_makes_token_inputs(bert_sim, t
     assert report.max_abs_diff <= 1e-5  # measured 0.0: ORT's integer kernels equal the simulation here
     assert main([res.onnx_path, "--n", "6", "--seq", "12", "--vocab", "100"]) == 0
     assert "inputs compared" in capsys.readouterr().out
+
+
+class TokenClassifier(__import__("pytorch_lightning").LightningModule):
+    """A tiny BERT with a classification head, trained through the callback on token batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = BertHead()
+
+    def training_step(self, batch, batch_idx):
+        ids, mask, y = batch
+        return F.cross_entropy(self.net(ids, mask), y)
+
+    def validation_step(self, batch, batch_idx):
+        ids, mask, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(ids, mask), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class BertHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bert = tiny_bert(dropout=0.0)  # Lightning does not restore the RNG: no dropout for exact resume
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, ids, mask):
+        return self.head(self.bert(ids, mask).last_hidden_state[:, 0])
+
+
+def token_loader():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    ids, mask = token_batch(64, 12, 4)
+    y = (ids[:, 0] % 2).long()
+    return DataLoader(TensorDataset(ids, mask, y), batch_size=16)
+
+
+def test_callback_fits_and_resumes_a_transformer_with_learned_ranges(tmp_path):
+    """Stopped at step 4, inside the annealing window, and resumed: equal to the straight run."""
+    import pytorch_lightning as pl
+
+    from qat_plugin.callbacks import QuantizationAwareTraining
+
+    def run(max_steps, ckpt=None):
+        torch.manual_seed(0)
+        qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, learn_ranges=True,
+                                        input_fn=lambda b: (b[0], b[1]),
+                                        annealing=dict(end_step=6, every_n_steps=2, stat_batches=1))
+        trainer = pl.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, max_steps=max_steps,
+                             callbacks=[qat], logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, limit_val_batches=1, deterministic=True)
+        module = TokenClassifier()
+        trainer.fit(module, token_loader(), token_loader(), ckpt_path=ckpt)
+        return trainer, module, qat
+
+    trainer, module, qat = run(4)
+    assert module.net is qat.sim.model and qat.applied_steps == 4
+    opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert id(qat.sim.quantizers()["bert.encoder.layer.0.attention.self.query.weight"].scale) in opt_params
+    ckpt = str(tmp_path / "four.ckpt")
+    trainer.save_checkpoint(ckpt)
+    _, straight, _ = run(8)
+    _, resumed, _ = run(8, ckpt)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    diff = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a}
+    assert max(diff.values()) == 0.0, {k: v for k, v in diff.items() if v}
