@@ -94,20 +94,6 @@ def _check_token_inputs(model: nn.Module, args: tuple) -> None:
             "(2, 16)), attention_mask) with an int64 attention mask")
 
 
-def _offending(model: nn.Module, tb) -> tuple[str, str]:
-    import linecache
-
-    by_id = {id(m): name for name, m in model.named_modules()}
-    found = ("<model>", "")
-    while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
-        if isinstance(owner, nn.Module) and id(owner) in by_id:
-            line = linecache.getline(tb.tb_frame.f_code.co_filename, tb.tb_lineno).strip()
-            found = (by_id[id(owner)] or "<model>", f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}: {line}")
-        tb = tb.tb_next
-    return found
-
-
 def export_program(model: nn.Module, args: tuple) -> torch.export.ExportedProgram:
     """``torch.export.export(model, args, strict=False)`` in eval mode, with the most dynamic
     shapes that export accepts; failures become :class:`UnsupportedModelError`."""
@@ -126,7 +112,9 @@ def export_program(model: nn.Module, args: tuple) -> torch.export.ExportedProgra
                     first, tb = e, sys.exc_info()[2]
     finally:
         model.train(was_training)
-    module, where = _offending(model, tb)
+    from .trace import offending_frame
+
+    module, where = offending_frame(model, tb)
     raise UnsupportedModelError(
         f"neither torch.fx nor torch.export can capture module '{module}' ({type(first).__name__}: "
         f"{str(first).splitlines()[0] if str(first) else ''}).\n  at {where or 'unknown line'}\n"

@@ -60,7 +60,7 @@ def leaf_names_of(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> frozens
     return names | {n for n, m in model.named_modules() if types and isinstance(m, types) and n}
 
 
-def _offending_frame(model: nn.Module, tb) -> tuple[str, str]:
+def offending_frame(model: nn.Module, tb) -> tuple[str, str]:
     """The user's module (qualified name) and source line where tracing failed."""
     by_id = {id(m): name for name, m in model.named_modules()}
     found = ("<model>", "")
@@ -143,7 +143,7 @@ def _fx_capture(model: nn.Module, leaf_modules: Sequence[LeafSpec]) -> fx.GraphM
     try:
         graph = tracer.trace(model)
     except Exception as e:  # torch.fx raises many kinds (TraceError, TypeError, RuntimeError...)
-        module, where = _offending_frame(model, sys.exc_info()[2])
+        module, where = offending_frame(model, sys.exc_info()[2])
         hint = (f"pass leaf_modules=['{module}'] to treat it as a black box with quantized inputs "
                 "and outputs, or rewrite the data-dependent code") if module != "<model>" else \
             "rewrite the data-dependent control flow in forward(), or wrap it in a submodule and pass it in leaf_modules="
