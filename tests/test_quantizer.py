@@ -131,6 +131,7 @@ def test_math_is_float32_under_autocast(dtype):
         out16 = q16(x.to(dtype))
     assert out8.dtype == dtype  # 8-bit grids go back to the input dtype
     assert out16.dtype == torch.float32  # a 16-bit grid never passes through 16-bit floats
+    assert make(9, False)(x.to(dtype)).dtype == torch.float32  # nor does any grid wider than 8 bits
     enc = q16.encoding
     expected = reference(x.to(dtype).float(), enc.scale, enc.offset, 16)
     torch.testing.assert_close(out16.double(), expected, atol=float(enc.scale) * 1e-3, rtol=2e-7)
@@ -149,7 +150,21 @@ def test_set_encoding_rejects_mismatch():
     q = QuantizeDequantize((), 8, False)
     with pytest.raises(ValueError, match="does not match"):
         q.set_encoding(Encoding.from_min_max(torch.tensor(-1.0), torch.tensor(1.0), 4, False))
+    pc = QuantizeDequantize((2,), 8, False, axis=0, name="conv.weight")
+    two = Encoding.from_min_max(torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0]), 8, False, axis=1)
+    with pytest.raises(ValueError, match=r"conv.weight: encoding \(8-bit, symmetric=False, axis=1\) does not match"):
+        pc.set_encoding(two)  # same bitwidth and symmetry, other axis
+    three = Encoding.from_min_max(-torch.ones(3), torch.ones(3), 8, False, axis=0)
+    with pytest.raises(ValueError, match=r"conv.weight: encoding shape \(3,\) != \(2,\)"):
+        pc.set_encoding(three)
 
+
+def test_defaults_are_an_uncalibrated_8_bit_asymmetric_per_tensor_grid():
+    q = QuantizeDequantize()
+    assert (q.bitwidth, q.symmetric, q.axis, q.name, q.learnable) == (8, False, None, "", False)
+    assert q.is_initialized() is False and q.state_dict()["initialized"].item() is False
+    with pytest.raises(ValueError, match="per-channel quantizers need both a non-scalar shape and an axis"):
+        QuantizeDequantize((3,), 8)
 
 @pytest.mark.parametrize("bad", [1, 17, 8.0])
 def test_bad_bitwidth(bad):
@@ -225,10 +240,13 @@ def test_reference_grad_factor_scales_a_learned_scale_with_a_fixed_offset():
         fake_quantize(x, s, torch.tensor(-8.0), 4, factor).sum().backward()
         grads.append(float(s.grad))
     assert grads[1] == pytest.approx(0.25 * grads[0]) and grads[0] != 0
+    s = torch.tensor(0.1, requires_grad=True)
+    fake_quantize(x, s, torch.tensor(-8.0), 4).sum().backward()  # the default factor is 1
+    assert float(s.grad) == grads[0]
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("shape, axis", [((7,), 0), ((1, 6), 0), ((2, 1, 3), 1), ((4, 3, 5), 1)])
+@pytest.mark.parametrize("shape, axis", [((7,), 0), ((1, 6), 0), ((2, 5), 0), ((2, 1, 3), 1), ((4, 3, 5), 1)])
 def test_per_channel_gradients_equal_per_tensor_gradients_per_channel(shape, axis, symmetric):
     """LSQ range gradients of a per-channel quantizer are those of one per-tensor quantizer per
     channel (same values per scale, so the same gradient factor), for 1-D inputs and single
