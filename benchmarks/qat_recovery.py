@@ -163,7 +163,7 @@ def accuracy_table(args):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(per_seed, f, indent=1)
-    print(f"\nvalidation: 360 held-out digits (1 image = 0.28 pt); QAT: mean ± std over {args.seeds} seeds, "
+    print(f"\nvalidation: {len(y_va)} held-out digits (1 image = {100 / len(y_va):.2f} pt); QAT: mean ± std over {args.seeds} seeds, "
           f"{args.qat_epochs} epochs SGD momentum 0.9 cosine, calibration '{args.scheme}' (weights 'tf'), annealing {ann}")
 
 
