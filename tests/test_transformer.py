@@ -48,6 +48,12 @@ def bert_sim():
     return model, sim
 
 
+@pytest.fixture(scope="module")
+def bert_onnx(bert_sim, tmp_path_factory):
+    _, sim = bert_sim
+    return sim.export(tmp_path_factory.mktemp("bert"), "bert", token_batch(2, 16, 0)).onnx_path
+
+
 def sites_by_op(sim, kind="output"):
     return [s.op for s in sim.quantizer_sites() if s.kind == kind]
 
@@ -152,14 +158,13 @@ def test_float_dummy_input_for_a_token_model_is_a_clear_error():
         QuantSimModel(tiny_bert(), torch.randn(2, 16))
 
 
-def test_bert_export_runs_integer_matmuls_in_ort_and_equals_the_sim(bert_sim, tmp_path):
+def test_bert_export_runs_integer_matmuls_in_ort_and_equals_the_sim(bert_sim, bert_onnx):
     _, sim = bert_sim
-    res = sim.export(tmp_path, "bert", token_batch(2, 16, 0))
-    counts, float_ops, _ = optimized_graph_stats(res.onnx_path)
+    counts, float_ops, _ = optimized_graph_stats(bert_onnx)
     assert float_ops == 0, counts
     assert counts["QLinearMatMul"] == 4  # both attention matmuls of both layers
     assert counts["MatMulIntegerToFloat"] + counts.get("QGemm", 0) == 13  # 12 encoder Linears + pooler
-    sess = session(res.onnx_path)
+    sess = session(bert_onnx)
     names = [i.name for i in sess.get_inputs()]
     for b, s in [(4, 16), (3, 24)]:  # dynamic batch and sequence
         ids, mask = token_batch(b, s, 21)
@@ -275,15 +280,14 @@ def test_capture_method_is_validated_and_fx_stays_for_traceable_models():
     assert [s.op for s in exported.quantizer_sites()] == [s.op for s in sim.quantizer_sites()]
 
 
-def test_verify_compares_token_models_and_its_cli_makes_token_inputs(bert_sim, tmp_path, capsys):
+def test_verify_compares_token_models_and_its_cli_makes_token_inputs(bert_sim, bert_onnx, capsys):
     from qat_plugin.export.verify import main, verify
 
     _, sim = bert_sim
-    res = sim.export(tmp_path, "bert", token_batch(2, 16, 0))
-    report = verify(res.onnx_path, sim, token_batch(8, 20, 3), batch_size=4)
+    report = verify(bert_onnx, sim, token_batch(8, 20, 3), batch_size=4)
     assert report.n_inputs == 8 and report.float_compute_ops == 0
     assert report.max_abs_diff <= 1e-5  # measured 0.0: ORT's integer kernels equal the simulation here
-    assert main([res.onnx_path, "--n", "6", "--seq", "12", "--vocab", "100"]) == 0
+    assert main([bert_onnx, "--n", "6", "--seq", "12", "--vocab", "100"]) == 0
     assert "inputs compared" in capsys.readouterr().out
 
 
