@@ -401,3 +401,28 @@ def test_precision_spec_errors(spec, match):
     from qat_plugin.quantsim import precision_spec
     with pytest.raises(QuantConfigError, match=match):
         precision_spec(spec)
+
+
+# ---- Lightning: the callback's precision_overrides ----------------------------------------------
+def test_callback_applies_precision_overrides_before_the_optimizer_exists(tmp_path):
+    from lightning_helpers import DigitsModule
+    from qat_plugin.callbacks import QuantizationAwareTraining
+
+    module = DigitsModule()
+    qat = QuantizationAwareTraining(precision_overrides={"Conv": {"param_bw": 4}, "fc": {"output_bw": 16}})
+    qat.setup(None, module, "fit")  # example_input_array traces; no trainer needed for setup
+    b = {s.where: s.bitwidth for s in qat.sim.quantizer_sites()}
+    assert (b["conv1.weight"], b["conv2.weight"], b["fc.weight"], b["fc"]) == (4, 4, 8, 16)
+    assert module.net is qat.sim.model
+    assert module.net.get_submodule("conv1").param_quantizers["weight"].bitwidth == 4
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"conv1": {"param_bits": 4}}, "Did you mean 'param_bw'"),
+    ({"conv1": {"param_bw": 6}}, "param_bw=6 cannot be exported"),
+    ("missing.json", "is not a file"),
+])
+def test_callback_rejects_bad_precision_overrides_at_construction(overrides, match):
+    from qat_plugin.callbacks import QuantizationAwareTraining
+    with pytest.raises(QuantConfigError, match=match):
+        QuantizationAwareTraining(precision_overrides=overrides)

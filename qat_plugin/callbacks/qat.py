@@ -27,7 +27,7 @@ from ..calibration import param_scheme_for
 from ..errors import NotCalibratedError, QuantConfigError, did_you_mean
 from ..precision import loss_scaler
 from ..graph.apply import check_bn_folding
-from ..quantsim import QuantSimModel, _check_bitwidth
+from ..quantsim import QuantSimModel, _check_bitwidth, precision_spec
 
 
 def _default_input(batch: Any) -> Any:
@@ -132,6 +132,11 @@ class QuantizationAwareTraining(Callback):
         input_fn: picks the model input out of a batch (default: tensor, ``batch[0]`` or ``batch["x"]``).
         log_every_n_steps: how often (in applied optimizer steps) the loss scale and encodings are
             logged; annealing updates log ``qat/alpha`` and ``qat/sqnr_db/<site>`` when they happen.
+        precision_overrides: per-layer bitwidths applied right after the network is quantized
+            (before the optimizer exists): ``{"<target>": {"param_bw": 4, "output_bw": 8}}`` with
+            targets as in :meth:`QuantSimModel.set_precision` (site key, module path, glob, op
+            type), or the path of a JSON file with such a mapping or a ``mixed_precision.json``
+            from :func:`qat_plugin.mixed_precision.choose_mixed_precision` (search -> QAT -> export).
 
     Example::
 
@@ -148,7 +153,8 @@ class QuantizationAwareTraining(Callback):
                  freeze_ranges_step: Optional[int] = None, bn_folding: str = "static",
                  freeze_bn_step: Optional[int] = None, export_dir: Optional[str] = None,
                  export_prefix: str = "model", input_fn: Optional[Callable[[Any], Any]] = None,
-                 log_every_n_steps: int = 50, param_quant_scheme: Optional[str] = None):
+                 log_every_n_steps: int = 50, param_quant_scheme: Optional[str] = None,
+                 precision_overrides: Union[None, str, dict] = None):
         param_scheme_for(quant_scheme, param_quant_scheme)
         if calibration_batches < 1:
             raise QuantConfigError(f"calibration_batches must be >= 1, got {calibration_batches}")
@@ -187,6 +193,8 @@ class QuantizationAwareTraining(Callback):
         self.export_dir, self.export_prefix = export_dir, export_prefix
         self.input_fn = input_fn or _default_input
         self.log_every_n_steps = log_every_n_steps
+        precision_spec(precision_overrides)  # a bad target key, bitwidth or path fails here, not in setup
+        self.precision_overrides = precision_overrides
 
         self.sim: Optional[QuantSimModel] = None
         self.annealer: Optional[EncodingAnnealer] = None
@@ -213,6 +221,8 @@ class QuantizationAwareTraining(Callback):
         network = pl_module.get_submodule(name)
         self._tracing_input = self._find_dummy_input(trainer, pl_module)
         self.sim = QuantSimModel(network, self._tracing_input, **self.sim_kwargs)
+        if self.precision_overrides is not None:
+            self.sim.apply_precision(self.precision_overrides)
         parent, _, attr = name.rpartition(".")
         setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, self.sim.model)
         if self.annealing is not None:
