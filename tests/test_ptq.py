@@ -14,7 +14,9 @@ from qat_plugin import NotCalibratedError, QuantConfigError, QuantSimModel
 from qat_plugin.ptq import PTQConfig, apply_adaround, correct_bias, equalize_model
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*left in float.*"),
-              pytest.mark.filterwarnings("ignore:.*TracerWarning.*")]
+              pytest.mark.filterwarnings("ignore:.*TracerWarning.*"),
+              pytest.mark.filterwarnings("ignore:.*LightningCLI's args parameter.*"),
+              pytest.mark.filterwarnings("ignore:.*does not have many workers.*")]
 
 
 def _bn(c):

@@ -28,6 +28,7 @@ from ..errors import NotCalibratedError, QuantConfigError, did_you_mean
 from ..precision import loss_scaler
 from ..graph.apply import check_bn_folding
 from ..quantsim import QuantSimModel, _check_bitwidth, precision_spec
+from ..ptq.pipeline import PTQConfig
 
 
 def _default_input(batch: Any) -> Any:
@@ -137,6 +138,10 @@ class QuantizationAwareTraining(Callback):
             targets as in :meth:`QuantSimModel.set_precision` (site key, module path, glob, op
             type), or the path of a JSON file with such a mapping or a ``mixed_precision.json``
             from :func:`qat_plugin.mixed_precision.choose_mixed_precision` (search -> QAT -> export).
+        ptq: post-training steps (a :class:`~qat_plugin.ptq.PTQConfig` or its fields as a dict,
+            e.g. ``{"cle": True, "adaround": {"num_iterations": 200}, "bias_correction": True}``):
+            CLE on the FP32 network before it is quantized; AdaRound and bias correction on the
+            calibration batches right after calibration. Their reports: ``ptq_report``.
 
     Example::
 
@@ -154,6 +159,7 @@ class QuantizationAwareTraining(Callback):
                  freeze_bn_step: Optional[int] = None, export_dir: Optional[str] = None,
                  export_prefix: str = "model", input_fn: Optional[Callable[[Any], Any]] = None,
                  log_every_n_steps: int = 50, param_quant_scheme: Optional[str] = None,
+                 ptq: Union[None, bool, dict, PTQConfig] = None,
                  precision_overrides: Union[None, str, dict] = None):
         param_scheme_for(quant_scheme, param_quant_scheme)
         if calibration_batches < 1:
@@ -195,6 +201,8 @@ class QuantizationAwareTraining(Callback):
         self.log_every_n_steps = log_every_n_steps
         precision_spec(precision_overrides)  # a bad target key, bitwidth or path fails here, not in setup
         self.precision_overrides = precision_overrides
+        self.ptq: Optional[PTQConfig] = PTQConfig.from_value(ptq)
+        self.ptq_report: dict = {}
 
         self.sim: Optional[QuantSimModel] = None
         self.annealer: Optional[EncodingAnnealer] = None
@@ -220,6 +228,8 @@ class QuantizationAwareTraining(Callback):
         name = self.resolve_module_name(pl_module)
         network = pl_module.get_submodule(name)
         self._tracing_input = self._find_dummy_input(trainer, pl_module)
+        if self.ptq is not None:
+            self.ptq.prepare(network, self._tracing_input)
         self.sim = QuantSimModel(network, self._tracing_input, **self.sim_kwargs)
         if self.precision_overrides is not None:
             self.sim.apply_precision(self.precision_overrides)
@@ -325,18 +335,23 @@ class QuantizationAwareTraining(Callback):
         model = self.sim.model
         was_training = model.training
 
+        seen = []
+
         def forward(m, _):
             for i, batch in enumerate(loader):
                 if i >= self.calibration_batches:
                     break
                 batch = trainer.strategy.batch_to_device(batch)
                 x = self.input_fn(batch)
+                seen.append(x)
                 m(*x) if isinstance(x, (tuple, list)) else m(x)
 
         model.eval()
         try:
             with rng_preserved(loader):  # calibration batches do not change the training data order
                 self.sim.compute_encodings(forward)
+                if self.ptq is not None:
+                    self.ptq_report = self.ptq.apply(self.sim, seen)
         finally:
             model.train(was_training)
         self._log_encodings(trainer)
