@@ -28,14 +28,14 @@ from qat_plugin import QuantSimModel  # noqa: E402
 from qat_plugin.export.verify import optimized_graph_stats, session  # noqa: E402
 
 
-def interleaved_latency(paths: dict, batch: int, runs: int, block: int = 10) -> dict:
+def interleaved_latency(paths: dict, batch: int, runs: int, block: int = 10, shape=None) -> dict:
     """Median seconds per run for each file. The sessions take turns in blocks of ``block`` runs
     (the first of each block discarded as a cache warm-up), so machine drift hits all files
     alike while each is measured warm."""
     import time
 
     sessions = {k: session(p, optimize=True, threads=1) for k, p in paths.items()}
-    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal(shape or (batch, 3, 224, 224)).astype(np.float32)
     times = {k: [] for k in paths}
     block = min(block, runs)
     for _ in range(max(1, runs // max(1, block - 1))):

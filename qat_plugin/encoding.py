@@ -135,3 +135,39 @@ class Encoding:
             entries.append({"bitwidth": self.bitwidth, "dtype": "int", "is_symmetric": str(self.symmetric),
                             "max": hi, "min": lo, "offset": int(o), "scale": s})
         return entries
+
+
+#: The largest ``|bias| / bias_scale`` an int32 bias grid uses: 2**30, half the int32 range, so
+#: that the integer accumulator (bias + sum of input x weight products) keeps room to grow.
+INT32_BIAS_LIMIT = 2**30
+
+
+def int32_bias_grid(bias: torch.Tensor, input_scale: torch.Tensor,
+                    weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int32 grid of a weighted layer's bias: ``(weight_scale, bias_scale)``, in float32.
+
+    ``bias_scale = input_scale * weight_scale``, where ``weight_scale`` is raised wherever
+    ``|bias| / bias_scale`` would pass :data:`INT32_BIAS_LIMIT` (tiny activation scales, or
+    dead channels whose weight scale collapsed): to ``|bias| / (input_scale * 2**30)`` per
+    channel, or, for a per-tensor ``weight_scale``, for the whole tensor. A raised channel's
+    weight must be quantized with the returned scale (the simulation and the export both do;
+    the export's int8 weights and encodings file carry it). Both the simulation
+    (:meth:`qat_plugin.modules._QuantizedWeights.quantized_bias`) and the ONNX export call this
+    function; the floor is computed without gradients.
+
+    >>> w, b = int32_bias_grid(torch.tensor([0.5, 4.0]), torch.tensor(1e-6), torch.tensor([1e-3, 1e-6]))
+    >>> [f"{v:.3g}" for v in w.tolist()]   # channel 1: 4 / (1e-6 * 1e-6) = 4e12 > 2**30, so raised
+    ['0.001', '0.00373']
+    >>> [round(v) for v in (torch.tensor([0.5, 4.0]) / b).tolist()]
+    [499999968, 1073741824]
+    """
+    bias = bias.detach().float()
+    s_in, s_w = input_scale.float(), weight_scale.float()
+    floor = (bias.abs() / (s_in.detach() * INT32_BIAS_LIMIT)).to(s_w.dtype)
+    if s_w.dim() == 0 or s_w.numel() == 1:
+        floor = floor.max() if floor.numel() else floor.new_zeros(())
+        floor = floor.reshape(s_w.shape)
+    else:
+        floor = floor.reshape(s_w.shape)
+    s_w = torch.maximum(s_w, floor)
+    return s_w, s_in * s_w

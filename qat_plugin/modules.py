@@ -3,12 +3,15 @@ passed through quantizers in ``forward``. Parameters are the original ones (shar
 """
 from __future__ import annotations
 
+import warnings
+from dataclasses import replace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .encoding import int32_bias_grid
 from .quantizer import QuantizeDequantize, _RoundSTE
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -91,18 +94,63 @@ class _QuantizedWeights:
         """Quantize the bias to int32 with ``scale = input_scale * weight_scale`` (None: float bias)."""
         self._bias_input = [quantizer] if quantizer is not None else []
 
+    def _bias_grid(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """``(weight_scale, bias_scale)`` of the int32 bias grid (:func:`~qat_plugin.encoding.int32_bias_grid`:
+        the weight scale raised where the bias would not fit in int32), or None without a grid."""
+        bias = self.folded_bias()
+        if bias is None or not self._bias_input:
+            return None
+        src, wq = self._bias_input[0], self.param_quantizers["weight"]
+        if not (src.enabled and wq.enabled and src.is_initialized() and wq.is_initialized()):
+            return None
+        with torch.autocast(device_type=bias.device.type, enabled=False):
+            w_scale, b_scale = int32_bias_grid(bias, src.scale.abs(), wq.scale.abs())
+        if not getattr(self, "_bias_grid_checked", False):  # once per layer: this reads the device
+            self._bias_grid_checked = True
+            raised = int((w_scale.detach() > wq.scale.detach().abs().float()).sum())
+            if raised:
+                warnings.warn(f"int32 bias overflow in '{wq.name}': |bias| / (input_scale x weight_scale) passes "
+                              f"2**30 in {raised} channel(s); their weight scale is raised so that the bias fits "
+                              "(the export writes the raised scale)", RuntimeWarning, stacklevel=3)
+        return w_scale, b_scale
+
+    def weight_scale_factor(self) -> Optional[torch.Tensor]:
+        """How much the int32 bias grid raises the weight quantizer's scale (``>= 1``, detached; per
+        channel or per tensor, as the quantizer's scale), or None when it has no bias grid."""
+        grid = self._bias_grid()
+        if grid is None:
+            return None
+        return (grid[0] / self.param_quantizers["weight"].scale.abs().float()).detach()
+
+    def weight_encoding(self):
+        """The weight's :class:`~qat_plugin.encoding.Encoding` as the layer uses it: the weight
+        quantizer's, with the scale the int32 bias grid raised (what the export writes)."""
+        enc = self.param_quantizers["weight"].encoding
+        factor = self.weight_scale_factor()
+        if enc is None or factor is None or not bool((factor > 1).any()):
+            return enc
+        scale = torch.maximum(enc.scale, self._bias_grid()[0].detach().double().cpu().reshape(enc.scale.shape))
+        return replace(enc, scale=scale.to(enc.scale.device))
+
     def quantized_weight(self) -> torch.Tensor:
-        return self.param_quantizers["weight"](self.folded_weight())
+        w, wq = self.folded_weight(), self.param_quantizers["weight"]
+        factor = self.weight_scale_factor()
+        if factor is None:
+            return wq(w)
+        # Q_{r s}(w) = r Q_s(w / r) for any grid: exact (w / 1 * 1 = w) where nothing is raised
+        if wq.axis is None:
+            return wq(w / factor) * factor
+        shape = [1] * w.dim()
+        shape[wq.axis] = -1
+        return wq(w / factor.reshape(shape)) * factor.reshape(shape)
 
     def quantized_bias(self) -> Optional[torch.Tensor]:
         bias = self.folded_bias()
-        if bias is None or not self._bias_input:
-            return bias
-        src, wq = self._bias_input[0], self.param_quantizers["weight"]
-        if not (src.enabled and wq.enabled and src.is_initialized() and wq.is_initialized()):
+        grid = self._bias_grid()
+        if grid is None:
             return bias
         with torch.autocast(device_type=bias.device.type, enabled=False):
-            scale = (src.scale.float() * wq.scale.float()).detach().expand_as(bias)
+            scale = grid[1].detach().expand_as(bias)
             q = torch.clamp(_RoundSTE.apply(bias.float() / scale), INT32_MIN, INT32_MAX)
             return (q * scale).to(bias.dtype)
 

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -23,7 +24,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from ..encoding import Encoding
+from ..encoding import Encoding, int32_bias_grid
 from ..graph.apply import fold_batch_norm_
 from ..errors import NotCalibratedError, QuantConfigError
 from .encodings import write_encodings
@@ -116,12 +117,30 @@ def _check_exportable(sim, opset: int) -> None:
                                    f"(asked for {opset})")
 
 
+def _encodings(sim) -> dict[str, Encoding]:
+    """Each enabled site's encoding as the simulation uses it: a weight's scale raised where its
+    layer's int32 bias grid needs it (:func:`~qat_plugin.encoding.int32_bias_grid`)."""
+    encs = {}
+    for key, q in sim.quantizers().items():
+        site = sim.plan.site(key)
+        layer = sim.model.get_submodule(site.module) if site.module is not None else None
+        encs[key] = layer.weight_encoding() if layer is not None and q.enabled else q.encoding
+    return encs
+
+
+def _raised_weight_scales(sim, encs: dict[str, Encoding]) -> list[str]:
+    """The weight sites whose scale the int32 bias grid raised."""
+    return [k for k, q in sim.quantizers().items() if q.enabled and encs[k] is not None
+            and sim.plan.site(k).kind == "param" and not torch.equal(encs[k].scale, q.encoding.scale)]
+
+
 def _export_copy(sim, quantized: bool) -> nn.Module:
     """``sim.model`` with quantizers turned into the custom op (or into identities)."""
     gm = copy.deepcopy(sim.model).cpu().eval()
+    encs = _encodings(sim) if quantized else {}
     for key, q in sim.quantizers().items():
         site = sim.plan.site(key)
-        new = _ExportQDQ(q.encoding.to_cpu()) if quantized and q.enabled else nn.Identity()
+        new = _ExportQDQ(encs[key].to_cpu()) if quantized and q.enabled else nn.Identity()
         if site.module is not None:
             layer = gm.get_submodule(site.module)
             layer.param_quantizers["weight"] = new
@@ -265,11 +284,108 @@ def _rewrite(model: onnx.ModelProto, site_of_scale: dict[str, Any], param_keys: 
     keep = [v for v in g.graph.value_info if v.name not in retyped]  # their element type changed
     del g.graph.value_info[:]
     g.graph.value_info.extend(keep)
+    _fold_zero_pads(g)
     _int32_biases(g, int32_biases)
     _global_average_pools(g)
     g.drop_unused_initializers()
     _strip_metadata(model)
     return tensor_sites
+
+
+def _constant(g: _Graph, name: str) -> Optional[np.ndarray]:
+    """The value of ``name`` when it is an initializer or a Constant node's output."""
+    if name in g.inits:
+        return g.array(name)
+    node = g.producer.get(name)
+    if node is not None and node.op_type == "Constant":
+        return numpy_helper.to_array(helper.get_attribute_value(node.attribute[0]))
+    return None
+
+
+def fold_zero_pads(model: onnx.ModelProto) -> int:
+    """Fold every constant zero ``Pad`` that only feeds Conv data inputs into those convs' ``pads``,
+    in place; returns how many Pads went. The export calls it on every QDQ file (some exporter
+    versions do this themselves; this makes it independent of them).
+
+    >>> from onnx import TensorProto
+    >>> g = helper.make_graph(
+    ...     [helper.make_node("Pad", ["x", "p"], ["xp"]), helper.make_node("Conv", ["xp", "w"], ["y"])], "g",
+    ...     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+    ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    ...     [numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1]), "p"),
+    ...      numpy_helper.from_array(np.ones((1, 1, 3, 3), np.float32), "w")])
+    >>> m = helper.make_model(g)
+    >>> fold_zero_pads(m), [n.op_type for n in m.graph.node], list(m.graph.node[0].attribute[0].ints)
+    (1, ['Conv'], [0, 0, 1, 1])
+    """
+    g = _Graph(model)
+    before = len(g.graph.node)
+    _fold_zero_pads(g)
+    g.drop_unused_initializers()
+    return before - len(g.graph.node)
+
+
+def _fold_zero_pads(g: _Graph) -> None:
+    """A constant zero ``Pad`` whose every consumer is a ``Conv`` reading it as its data input
+    becomes part of those convs' ``pads`` (which may be asymmetric), and goes. This is the
+    export side of :func:`qat_plugin.graph.plan.fold_zero_pads`: the plan puts no quantizer after
+    such a pad, so the Conv reads ``DequantizeLinear -> Pad``; after this, ``DequantizeLinear``
+    directly, and the runtime fuses an integer Conv with no Pad and no Q/DQ pair left over."""
+    consumers: dict[str, list] = {}
+    for n in g.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.graph.output}
+    dropped = set()
+    for pad in list(g.graph.node):
+        if pad.op_type != "Pad" or pad.output[0] in outputs:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
+        mode = attrs.get("mode", b"constant")
+        users = consumers.get(pad.output[0], [])
+        if (mode.decode() if isinstance(mode, bytes) else mode) != "constant" or not users or \
+                any(u.op_type != "Conv" or u.input[0] != pad.output[0] or list(u.input[1:]).count(pad.output[0])
+                    for u in users):
+            continue
+        pads = _constant(g, pad.input[1]) if len(pad.input) > 1 and pad.input[1] else None
+        value = _constant(g, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(())
+        if pads is None or value is None or np.any(value != 0) or np.any(pads < 0):
+            continue
+        pads = pads.astype(np.int64).reshape(-1)
+        if len(pad.input) > 3 and pad.input[3]:  # axes: expand to every dimension
+            axes = _constant(g, pad.input[3])
+            rank = len(pads) // 2 + 2  # a Conv input: batch, channels and the padded spatial dims
+            if axes is None:
+                continue
+            full = np.zeros(2 * rank, np.int64)
+            for k, a in enumerate(axes.reshape(-1).tolist()):
+                full[a % rank], full[a % rank + rank] = pads[k], pads[k + len(axes.reshape(-1))]
+            pads = full
+        rank = len(pads) // 2
+        begin, end = pads[:rank], pads[rank:]
+        if rank < 3 or begin[:2].any() or end[:2].any():
+            continue  # only spatial padding belongs to a Conv
+        extra = np.concatenate([begin[2:], end[2:]])
+        for conv in users:
+            cattrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+            auto = cattrs.get("auto_pad", b"NOTSET")
+            if (auto.decode() if isinstance(auto, bytes) else auto) not in ("NOTSET", "VALID"):
+                break
+        else:
+            for conv in users:
+                cattrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+                old = np.asarray(cattrs.get("pads", [0] * len(extra)), np.int64)
+                keep = [a for a in conv.attribute if a.name not in ("pads", "auto_pad")]
+                del conv.attribute[:]
+                conv.attribute.extend(keep + [helper.make_attribute("pads", (old + extra).tolist())])
+                conv.input[0] = pad.input[0]
+            g.graph.node.remove(pad)
+            dropped.add(pad.output[0])
+    if dropped:
+        keep = [v for v in g.graph.value_info if v.name not in dropped]
+        del g.graph.value_info[:]
+        g.graph.value_info.extend(keep)
+        g.producer = {o: n for n in g.graph.node for o in n.output}
 
 
 def _global_average_pools(g: _Graph) -> None:
@@ -338,7 +454,9 @@ def _int32_biases(g: _Graph, names: frozenset) -> None:
         bias = g.array(node.input[slot]).astype(np.float32)
         if bias.ndim != 1 or (s_w.ndim and s_w.shape[0] != bias.shape[0]):
             continue
-        bias_scale = (np.float32(s_in) * s_w.astype(np.float32)) * np.ones_like(bias, dtype=np.float32)
+        _, bias_scale = int32_bias_grid(torch.from_numpy(bias), torch.from_numpy(np.asarray(s_in, np.float32)),
+                                        torch.from_numpy(np.asarray(s_w, np.float32)))
+        bias_scale = bias_scale.numpy().astype(np.float32) * np.ones_like(bias, dtype=np.float32)
         q = np.clip(np.rint(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
         qname = g.add_init(q, f"{node.input[slot]}_quantized")
         sname = g.add_init(bias_scale.astype(np.float32), f"{node.input[slot]}_scale")
@@ -360,12 +478,18 @@ def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input:
     args = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
     args = tuple(a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
 
+    encs = _encodings(sim)
+    raised = _raised_weight_scales(sim, encs)
+    if raised:
+        warnings.warn(f"int32 bias overflow: the weight scale of {len(raised)} site(s) was raised so that "
+                      f"|bias| / (input_scale x weight_scale) fits in 2**30 ({', '.join(raised)}); the ONNX "
+                      "weights and the encodings file carry the raised scales", RuntimeWarning, stacklevel=3)
     model = _torch_export(_export_copy(sim, True), args, opset, dynamic_batch, True, input_names, output_names)
     site_of_scale = {}
     for key, q in sim.quantizers().items():
         site = sim.plan.site(key)
         prefix = f"{site.module}.param_quantizers.weight" if site.module is not None else f"quantizers.{key}"
-        site_of_scale[f"{prefix}.scale"] = (key, q.encoding)
+        site_of_scale[f"{prefix}.scale"] = (key, encs[key])
     params = frozenset(k for k in sim.quantizers() if sim.plan.site(k).kind == "param" and sim.quantizers()[k].enabled)
     int32 = frozenset(f"{sim.plan.site(k).module}.bias" for k in params
                       if sim.plan.site(k).module is not None and sim.plan.site(k).bias_from is not None
@@ -376,7 +500,6 @@ def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input:
     onnx_path = os.path.join(os.fspath(path), f"{filename_prefix}.onnx")
     onnx.save(model, onnx_path)
 
-    encs = {k: q.encoding for k, q in sim.quantizers().items()}
     params = {t: encs[k] for t, k in tensor_sites.items() if sim.plan.site(k).kind == "param"}
     acts = {t: encs[k] for t, k in tensor_sites.items() if t not in params}
     enc_path = os.path.join(os.fspath(path), f"{filename_prefix}.encodings")

@@ -50,6 +50,10 @@ class VerifyReport:
     floor_margin_db: float = 3.0
     #: DequantizeLinear nodes per integer type (``{"int4": 12, "uint8": 60, ...}``): the bitwidth mix
     qdq_types: dict = field(default_factory=dict)
+    #: ORT with all optimizations vs ORT with none, same file and inputs (``None`` when the
+    #: reference is that unoptimized session already): a fusion whose integer arithmetic is not
+    #: the QDQ float arithmetic (e.g. a lookup-table QLinearSoftmax) shows up here
+    unoptimized_sqnr_db: Optional[float] = None
 
     @property
     def floor_sqnr_db(self) -> Optional[float]:
@@ -62,7 +66,17 @@ class VerifyReport:
     def within_floor(self) -> Optional[bool]:
         """Whether ORT vs reference is no worse than the floor minus :attr:`floor_margin_db`."""
         floor = self.floor_sqnr_db
-        return None if floor is None else bool(self.sqnr_db >= floor - self.floor_margin_db)
+        return None if floor is None else bool(self.sqnr_db >= floor - self.floor_margin_db) and \
+            self.fusions_within_floor is not False
+
+    @property
+    def fusions_within_floor(self) -> Optional[bool]:
+        """Whether ORT's graph optimizations leave the numbers at the floor (optimized vs
+        unoptimized ORT no more than :attr:`floor_margin_db` below it); None when not measured."""
+        floor = self.floor_sqnr_db
+        if floor is None or self.unoptimized_sqnr_db is None:
+            return None
+        return bool(self.unoptimized_sqnr_db >= floor - self.floor_margin_db)
 
     def floor_verdict(self) -> str:
         floor = self.floor_sqnr_db
@@ -80,6 +94,8 @@ class VerifyReport:
                 ("reference noise floor (dB)", f"{fmt(self.floor_sqnr_db)} (perturbed {fmt(self.perturbed_sqnr_db)}, "
                                                f"batch 1 vs N {fmt(self.batch_sqnr_db)})"),
                 ("ORT vs floor", self.floor_verdict()),
+                ("ORT optimized vs unoptimized (dB)", fmt(self.unoptimized_sqnr_db) + (
+                    " (BELOW the floor: an ORT fusion changes the numbers)" if self.fusions_within_floor is False else "")),
                 ("top-1 agreement", f"{100 * self.top1_agreement:.2f}%"),
                 ("float Conv/Gemm/MatMul left", f"{self.float_compute_ops}"),
                 ("unfused Q/DQ (DQ feeding float ops)", f"{self.unfused_qdq}"),
@@ -277,9 +293,11 @@ def verify(onnx_path: str, reference=None, inputs=None, batch_size: int = 64, th
     perturbed = batch = None
     if floor:
         perturbed, batch = noise_floor(run, arrays, batch_size, ref, rel=floor_rel)
+    unoptimized = None if reference is None else compare(out, _run(session(onnx_path, False, threads), arrays,
+                                                                   batch_size))[1]
     counts, float_ops, unfused = optimized_graph_stats(onnx_path)
     return VerifyReport(len(out), max_diff, sqnr, top1, dict(counts), float_ops, unfused, os.path.getsize(onnx_path),
-                        perturbed, batch, floor_margin_db, qdq_mix(onnx_path))
+                        perturbed, batch, floor_margin_db, qdq_mix(onnx_path), unoptimized)
 
 
 def qdq_mix(path: str) -> dict:

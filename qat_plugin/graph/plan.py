@@ -9,10 +9,13 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Optional
 
+import torch
 from torch import fx, nn
 
 from ..config import RuntimeConfig
 from .patterns import FUNCTIONAL_WEIGHT_ARG, MASKING, VALUE_PRESERVING, WEIGHT_AXIS, describe, op_type_of
+
+_aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class QuantPlan:
     #: (value-preserving node, site key of the encoding its output is on). The simulation needs
     #: nothing there; an export repeats the encoding after them so runtimes keep integer kernels.
     passthrough: tuple[tuple[str, str], ...] = ()
+    #: (zero Pad node, Conv node) pairs: the pad is the conv's (see :func:`fold_zero_pads`)
+    pad_folds: tuple[tuple[str, str], ...] = ()
 
     @functools.cached_property
     def _by_key(self) -> dict[str, QuantizerSite]:
@@ -105,14 +110,15 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
 
     The passes, each a pure function of the graph and what the passes before it found:
     :func:`fold_batch_norms`, :func:`match_supergroups`, :func:`value_origins`,
-    :func:`place_sites`, :func:`drop_model_outputs`, :func:`share_encodings`,
-    :func:`bias_sources`.
+    :func:`fold_zero_pads`, :func:`place_sites`, :func:`drop_model_outputs`,
+    :func:`share_encodings`, :func:`bias_sources`.
     """
     g = _PlanGraph(gm, leaf_names)
     folds = fold_batch_norms(g)
     group_of, groups = match_supergroups(g, config, folds)
     origins = value_origins(g)
-    walk = place_sites(g, config, folds, group_of, origins, param_bw=param_bw, output_bw=output_bw)
+    pads = fold_zero_pads(g)
+    walk = place_sites(g, config, folds, group_of, origins, param_bw=param_bw, output_bw=output_bw, pad_folds=pads)
     sites = drop_model_outputs(g, config, walk.sites, walk.source, folds)
     merged = share_encodings(sites, walk.uf)
     merged = bias_sources(g, config, merged, walk, folds)
@@ -121,7 +127,8 @@ def make_plan(gm: fx.GraphModule, config: RuntimeConfig, param_bw: int = 8, outp
     ordered = sorted(merged.values(), key=lambda s: _order(s, index, module_index))
     kept = tuple((n, walk.uf.find(k)) for n, k in walk.passthrough if walk.uf.find(k) in merged)
     return QuantPlan(tuple(ordered), tuple((c.name, b.name) for c, b in folds.items()),
-                     tuple(tuple(x.name for x in grp) for grp in groups), tuple(walk.unsupported), kept)
+                     tuple(tuple(x.name for x in grp) for grp in groups), tuple(walk.unsupported), kept,
+                     tuple((p.name, c.name) for p, c in pads.items()))
 
 
 class _PlanGraph:
@@ -220,6 +227,77 @@ class _Walk:
     passthrough: list[tuple[str, str]]
 
 
+def zero_pad_amounts(n: fx.Node, modules: dict) -> Optional[tuple[int, ...]]:
+    """The ``F.pad`` amounts (last dim first: ``(left, right, top, bottom, ...)``) of a constant
+    zero pad with static, non-negative amounts; None for anything else."""
+    if n.op == "call_module":
+        mod = modules[n.target]
+        if not isinstance(mod, nn.modules.padding._ConstantPadNd) or mod.value != 0:
+            return None
+        pad = tuple(mod.padding)
+    elif n.op == "call_function" and n.target is nn.functional.pad:
+        pad = n.args[1] if len(n.args) > 1 else n.kwargs.get("pad")
+        mode = n.args[2] if len(n.args) > 2 else n.kwargs.get("mode", "constant")
+        value = n.args[3] if len(n.args) > 3 else n.kwargs.get("value", None)
+        if mode != "constant" or value not in (None, 0, 0.0):
+            return None
+    elif n.op == "call_function" and n.target is _aten.pad.default:
+        if len(n.args) > 2 and n.args[2] != "constant" or (len(n.args) > 3 and n.args[3] not in (None, 0, 0.0)):
+            return None
+        pad = n.args[1]
+    elif n.op == "call_function" and n.target is _aten.constant_pad_nd.default:
+        if len(n.args) > 2 and n.args[2] not in (None, 0, 0.0):
+            return None
+        pad = n.args[1]
+    else:
+        return None
+    if not isinstance(pad, (tuple, list)) or not all(type(p) is int and p >= 0 for p in pad):
+        return None
+    return tuple(pad)
+
+
+def fold_zero_pads(g: _PlanGraph) -> dict[fx.Node, fx.Node]:
+    """Pass 4: ``{zero Pad node: Conv node}`` for each constant zero pad (``nn.ZeroPad2d``,
+    ``F.pad(x, ..., value=0)``, ``aten.pad`` / ``aten.constant_pad_nd`` from torch.export) with
+    static non-negative amounts on the spatial dims only, whose single user is a convolution
+    (module with ``padding_mode='zeros'``, or functional) reading it as its data input.
+
+    The pad then belongs to the conv: no quantizer and no repeated encoding after it (the
+    simulation convolves the zero-padded quantized input, which is exact: zero is on every
+    grid), and the export writes it into the ONNX Conv's ``pads`` (which, unlike torch's
+    ``padding``, may be asymmetric, e.g. TF's SAME ``(0, 1, 0, 1)``), so no Pad and no Q/DQ
+    pair around it is left for the runtime."""
+    folds: dict[fx.Node, fx.Node] = {}
+    for n in g.nodes:
+        if g.types.get(n) != "Pad" or len(n.users) != 1:
+            continue
+        (u,) = n.users
+        if g.types.get(u) != "Conv" or not u.args or u.args[0] is not n:
+            continue
+        if u.op == "call_module":
+            conv = g.modules[u.target]
+            same = isinstance(conv.padding, str) and conv.padding != "valid"
+            if getattr(conv, "padding_mode", "zeros") != "zeros" or same:
+                continue
+            spatial = conv.weight.dim() - 2
+        elif u.op == "call_function" and u.target in FUNCTIONAL_WEIGHT_ARG:
+            padding = u.args[4] if len(u.args) > 4 else u.kwargs.get("padding", 0)
+            if isinstance(padding, str) and padding != "valid":
+                continue
+            w = u.args[1] if len(u.args) > 1 else u.kwargs.get("weight")
+            value = w.meta.get("val", w.meta.get("tensor_meta")) if isinstance(w, fx.Node) else None
+            if value is None or not hasattr(value, "shape"):
+                continue
+            spatial = len(value.shape) - 2
+        else:
+            continue
+        pad = zero_pad_amounts(n, g.modules)
+        if pad is None or any(pad[2 * spatial:]):
+            continue
+        folds[n] = u
+    return folds
+
+
 def _is_masking(n: fx.Node, t: Optional[str], g: _PlanGraph, origins: dict[fx.Node, str]) -> bool:
     """Whether ``n`` prepares attention scores for Softmax, so its output is handed on in float
     (no quantizer; the Softmax output is quantized): ``masked_fill`` / ``where``; an Add / Sub /
@@ -262,8 +340,9 @@ def _feeds_softmax(n: fx.Node, g: _PlanGraph) -> bool:
 
 def place_sites(g: _PlanGraph, config: RuntimeConfig, folds: dict[fx.Node, fx.Node],
                 group_of: dict[fx.Node, tuple[fx.Node, ...]], origins: dict[fx.Node, str], *,
-                param_bw: int, output_bw: int) -> _Walk:
-    """Pass 4: walk the graph in order, deciding the sites and which site encodes each value."""
+                param_bw: int, output_bw: int, pad_folds: Optional[dict[fx.Node, fx.Node]] = None) -> _Walk:
+    """Pass 5: walk the graph in order, deciding the sites and which site encodes each value
+    (a pad in ``pad_folds`` hands its input's encoding on, with nothing repeated after it)."""
     types, nodes = g.types, g.nodes
     folded_bn = set(folds.values())
     conv_of = {b: c for c, b in folds.items()}
@@ -313,6 +392,9 @@ def place_sites(g: _PlanGraph, config: RuntimeConfig, folds: dict[fx.Node, fx.No
             walk.unsupported.append(f"{describe(n)} ({n.op} '{n.name}')")
             float_site(n, kind)
             continue
+        if pad_folds and n in pad_folds:
+            source[n] = _data_source(n, source)  # the conv's own padding: no site, no passthrough
+            continue
         head = group[0] if group else n
         op_name = "+".join(types[x] for x in group) if group else t
         eff_type = types[head] if group and n in folded_bn else t
@@ -349,7 +431,7 @@ def _data_source(n: fx.Node, source: dict[fx.Node, Optional[str]]) -> Optional[s
 
 def drop_model_outputs(g: _PlanGraph, config: RuntimeConfig, sites: dict[str, QuantizerSite],
                        source: dict[fx.Node, Optional[str]], folds: dict[fx.Node, fx.Node]) -> dict[str, QuantizerSite]:
-    """Pass 5: without ``model_output.is_output_quantized``, a site on a model output keeps only
+    """Pass 6: without ``model_output.is_output_quantized``, a site on a model output keeps only
     its other consumers (or goes)."""
     sites = dict(sites)
     if config.model_output_quantized:
@@ -369,7 +451,7 @@ def drop_model_outputs(g: _PlanGraph, config: RuntimeConfig, sites: dict[str, Qu
 
 
 def share_encodings(sites: dict[str, QuantizerSite], uf: "_UnionFind") -> dict[str, QuantizerSite]:
-    """Pass 6: sites joined by a shared encoding (e.g. Concat in TensorRT) become one site (the
+    """Pass 7: sites joined by a shared encoding (e.g. Concat in TensorRT) become one site (the
     union-find root) quantizing all their nodes."""
     merged: dict[str, QuantizerSite] = {}
     for key, site in sites.items():
@@ -384,7 +466,7 @@ def share_encodings(sites: dict[str, QuantizerSite], uf: "_UnionFind") -> dict[s
 
 def bias_sources(g: _PlanGraph, config: RuntimeConfig, merged: dict[str, QuantizerSite], walk: _Walk,
                  folds: dict[fx.Node, fx.Node]) -> dict[str, QuantizerSite]:
-    """Pass 7: with ``params.bias.is_quantized``, each weighted module's bias is int32 on
+    """Pass 8: with ``params.bias.is_quantized``, each weighted module's bias is int32 on
     ``scale = input_scale x weight_scale``; the input's site is the op's data source."""
     if not config.param_quantized("bias"):
         return merged
