@@ -190,6 +190,10 @@ class QuantizeDequantize(nn.Module):
         axis: channel axis for per-channel quantization (``None`` per-tensor).
         learnable: whether scale (and offset, if asymmetric) get gradients, LSQ-style: scaled by
             ``1 / sqrt(N * (2**b - 1))`` with ``N`` the values per scale (Esser et al., 2020).
+        per_sample: count ``N`` per sample (dimension 0 is the batch), as LSQ does for
+            activations: the range gradient then does not depend on the batch size, so a DDP run
+            equals one process on the concatenated batch. The simulation sets it for every
+            activation quantizer; weights have no batch dimension.
 
     The math runs in float32 with autocast disabled whatever the input dtype. The output
     takes the input's dtype, except that a 16-bit float input to a grid wider than 8 bits
@@ -197,7 +201,7 @@ class QuantizeDequantize(nn.Module):
     """
 
     def __init__(self, shape: Sequence[int] = (), bitwidth: int = 8, symmetric: bool = False,
-                 axis: Optional[int] = None, learnable: bool = False, name: str = ""):
+                 axis: Optional[int] = None, learnable: bool = False, name: str = "", *, per_sample: bool = False):
         super().__init__()
         if not isinstance(bitwidth, int) or not 2 <= bitwidth <= 16:
             raise ValueError(f"bitwidth must be an int in [2, 16], got {bitwidth!r}")
@@ -207,6 +211,7 @@ class QuantizeDequantize(nn.Module):
         self.symmetric = symmetric
         self.axis = axis
         self.name = name
+        self.per_sample = per_sample
         self.enabled = True
         self.scale = nn.Parameter(torch.ones(tuple(shape)), requires_grad=learnable)
         self.offset = nn.Parameter(torch.zeros(tuple(shape)), requires_grad=learnable and not symmetric)
@@ -329,8 +334,11 @@ class QuantizeDequantize(nn.Module):
                 shape[self.axis] = -1
                 scale, offset = scale.reshape(shape), offset.reshape(shape)
             if self.learnable:
-                # LSQ's gradient scale: 1 / sqrt(values per scale * levels)
-                g = (x.numel() / max(1, self.scale.numel()) * num_steps(self.bitwidth)) ** -0.5
+                # LSQ's gradient scale: 1 / sqrt(values per scale * levels), per sample for activations
+                values = x.numel() / max(1, self.scale.numel())
+                if self.per_sample and x.dim() > 0 and x.shape[0] > 0:
+                    values /= x.shape[0]
+                g = (values * num_steps(self.bitwidth)) ** -0.5
                 fixed = self._offset_value if not self.offset.requires_grad else None
                 out = _LearnedFakeQuantize.apply(x.float(), scale.float(), offset.float(), self.bitwidth, g, fixed)
             else:

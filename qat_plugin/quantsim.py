@@ -217,7 +217,7 @@ class QuantSimModel:
         for key in changed:
             old, site = self._quantizers[key], self._site(key)
             q = QuantizeDequantize(tuple(old.scale.shape), bitwidths[key], old.symmetric, old.axis,
-                                   old.learnable, name=old.name).to(old.scale.device)
+                                   old.learnable, name=old.name, per_sample=old.per_sample).to(old.scale.device)
             q.enabled = old.enabled
             q.train(old.training)
             if site.module is not None:

@@ -7,9 +7,9 @@ process that sees the same batches:
 * fixed ranges: one concatenated batch per step (rank 0's batch, then rank 1's). Measured max
   |diff| 6e-8 (float summation order), asserted <= 1e-6.
 * learned ranges: two micro-batches per step with ``accumulate_grad_batches=2``. Measured
-  bit-identical. (Against one concatenated batch they differ by up to 0.03-0.11: the LSQ
-  gradient scale ``1 / sqrt(numel * levels)`` counts the batch, so a range's gradient depends on
-  the batch size each process sees.)
+  bit-identical. Against one concatenated batch: 0.0102 (asserted <= 0.02). The LSQ gradient
+  scale of activation quantizers counts values per sample, so a range's gradient no longer
+  depends on the batch size each process sees (counting the batch, it was 0.114).
 """
 import os
 import subprocess
@@ -27,6 +27,10 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers.*"
               pytest.mark.filterwarnings("ignore:.*LeafSpec.*")]
 
 FIXED_TOL = 1e-6  # measured 6e-8
+#: learned ranges vs one process on the concatenated batch: measured 0.0102 once the LSQ gradient
+#: scale counts values per sample (it was 0.114 when it counted the per-process batch); what is
+#: left comes from merging two ranks' histograms (re-binned) against one larger batch's.
+LEARNED_TOL = 0.02
 
 
 def _launch(tmp_path, parts):
@@ -82,6 +86,8 @@ def test_ddp_learned_ranges_resume_and_empty_rank(tmp_path):
     assert sorted(runs["learned"][0]["updates"]) == [1, 2, 3]
     assert _max_diff(runs["learned"][0]["state"], runs["resumed"][0]["state"]) == 0.0
     assert _max_diff(_reference("learned", micro_batches=True), runs["learned"][0]["state"]) == 0.0
+    concatenated = _max_diff(_reference("learned", micro_batches=False), runs["learned"][0]["state"])
+    assert concatenated <= LEARNED_TOL
     e0, e1 = runs["empty"]  # rank 1 saw no data: it took part with empty statistics
     for e in (e0, e1):
         assert e["MinMaxObserver"]["min"].tolist() == [-1.0] and e["MinMaxObserver"]["max"].tolist() == [3.0]

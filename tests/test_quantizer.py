@@ -290,3 +290,20 @@ def test_repr_names_the_grid():
     q = make(8, False)
     q.enabled = False
     assert q.extra_repr() == "bitwidth=8, asymmetric, per-tensor, learnable=False, disabled"
+
+
+def test_lsq_range_gradient_of_activations_does_not_depend_on_the_batch_size():
+    """Per-sample counting (LSQ's N_F for activations): the gradient of a mean loss over one batch
+    of 8 equals the mean of the gradients over its two halves, as DDP's averaging computes it."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 5, 5)
+
+    def grad(batch, per_sample):
+        q = QuantizeDequantize((), 8, False, None, learnable=True, per_sample=per_sample)
+        q.set_encoding(Encoding.from_min_max(torch.tensor(-1.5), torch.tensor(1.0), 8, False))
+        q(batch).pow(2).mean().backward()
+        return q.scale.grad.clone()
+
+    halves = (grad(x[:4], True) + grad(x[4:], True)) / 2
+    torch.testing.assert_close(grad(x, True), halves, rtol=1e-5, atol=0)
+    assert not torch.allclose(grad(x, False), (grad(x[:4], False) + grad(x[4:], False)) / 2, rtol=1e-3)

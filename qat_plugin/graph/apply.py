@@ -38,7 +38,8 @@ def _set_submodule(root: nn.Module, qualname: str, new: nn.Module) -> None:
 
 def _make_quantizer(site: QuantizerSite, learnable: bool) -> QuantizeDequantize:
     shape = (site.channels,) if site.axis is not None else ()
-    return QuantizeDequantize(shape, site.bitwidth, site.symmetric, site.axis, learnable, name=site.key)
+    return QuantizeDequantize(shape, site.bitwidth, site.symmetric, site.axis, learnable, name=site.key,
+                              per_sample=site.kind != "param")
 
 
 BN_FOLDING = ("static", "simulated")
