@@ -124,7 +124,12 @@ class _QuantizedWeights:
 
     def weight_encoding(self):
         """The weight's :class:`~qat_plugin.encoding.Encoding` as the layer uses it: the weight
-        quantizer's, with the scale the int32 bias grid raised (what the export writes)."""
+        quantizer's, with the scale the int32 bias grid raised (what the export writes).
+
+        >>> conv = sim.model.get_submodule("conv1")                        # doctest: +SKIP
+        >>> conv.weight_scale_factor().max(), conv.weight_encoding().scale  # doctest: +SKIP
+        (tensor(21.6), tensor([...]))   # a channel's scale raised 21.6x so that its bias fits int32
+        """
         enc = self.param_quantizers["weight"].encoding
         factor = self.weight_scale_factor()
         if enc is None or factor is None or not bool((factor > 1).any()):
