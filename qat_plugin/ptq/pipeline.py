@@ -20,7 +20,7 @@ from .bias_correction import correct_bias
 from .cle import RELU6_POLICIES, equalize_model
 
 _ADAROUND_ARGS = tuple(p for p in inspect.signature(apply_adaround).parameters if p not in ("sim", "data", "num_batches"))
-_BIAS_ARGS = ("passes", "progress")
+_BIAS_ARGS = ("progress",)
 
 
 def _options(value: Union[bool, dict, None], allowed: tuple[str, ...], what: str) -> Optional[dict]:
@@ -45,7 +45,7 @@ class PTQConfig:
         relu6: CLE's ReLU6 policy, ``"skip"`` or ``"relu"`` (see :func:`equalize_model`).
         adaround: ``True`` or a dict of :func:`apply_adaround` options
             (``num_iterations``, ``reg_param``, ``beta_range``, ``warm_start``, ``rows``, ...).
-        bias_correction: ``True`` or a dict of :func:`correct_bias` options (``passes``).
+        bias_correction: ``True`` or a dict of :func:`correct_bias` options (``progress``).
         num_batches: batches of data for AdaRound and bias correction (default: all given).
 
     >>> PTQConfig.from_value({"cle": True, "adaround": {"num_iterations": 50}})
