@@ -211,7 +211,7 @@ def main(argv=None):
                                    "layer MSE / nearest (median)"], timing()))
     print()
     print("\n\n".join(out))
-    print(f"\ndigits: 360 validation images (1 image = 0.28 pt); torch {torch.__version__}, "
+    print(f"\ndigits: 359 validation images (1 image = 0.28 pt); torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; the machine's 2 cores were shared with other jobs")
 
 
