@@ -314,3 +314,27 @@ def test_reduced_maxvit_optimized_ort_agrees_with_unoptimized(tmp_path):
     assert report.op_counts.get("QLinearSoftmax", 0) == 0 and report.op_counts.get("Softmax", 0) == 4, str(report)
     # measured: optimized == unoptimized (inf dB), ORT vs sim 46.5 dB at a 39.7 dB floor
     assert report.unoptimized_sqnr_db > 60 and report.fusions_within_floor and report.within_floor, str(report)
+
+
+class ShiftedWindowMask(nn.Module):
+    """Swin's shifted-window attention in small: the mask is built at run time from
+    ``x.new_zeros(...)`` and constants, then added to the scores before Softmax."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        scores = self.q(x) @ self.k(x).transpose(-2, -1)
+        mask = x.new_zeros((x.shape[1], x.shape[1]))
+        mask[: x.shape[1] // 2, x.shape[1] // 2:] = -100.0
+        return (scores + mask).softmax(-1) @ x
+
+
+def test_a_mask_built_from_new_zeros_reaches_softmax_in_float():
+    """swin_t had 5 QLinearSoftmax (its shifted-window blocks): a mask made with x.new_zeros was
+    read as data, so scores + mask got a quantizer. Now it is a constant and the sum stays float."""
+    sim = QuantSimModel(ShiftedWindowMask().eval(), torch.randn(2, 6, 8))
+    softmax = next(n for n in sim.model.graph.nodes if "softmax" in str(n.target) and n.op != "call_module")
+    assert softmax.args[0].op != "call_module", [s.key for s in sim.quantizer_sites()]  # no quantizer before it
+    assert not any(s.key.startswith("add") for s in sim.quantizer_sites()), [s.key for s in sim.quantizer_sites()]

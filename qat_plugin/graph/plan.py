@@ -208,7 +208,7 @@ def value_origins(g: _PlanGraph) -> dict[fx.Node, str]:
     for n in g.nodes:
         if n.op == "placeholder":
             origin[n] = ACTIVATION if n.meta.get("qat_kind") in ("float", "float_seq") else MASK
-        elif n.op == "get_attr":
+        elif n.op == "get_attr" or _shape_only(n):
             origin[n] = CONSTANT
         elif g.types[n] in WEIGHT_AXIS:
             origin[n] = ACTIVATION  # a weighted op's output is data (an embedding of ids too)
@@ -216,6 +216,19 @@ def value_origins(g: _PlanGraph) -> dict[fx.Node, str]:
             ins = [origin.get(a, CONSTANT) for a in _tensor_inputs(n)]
             origin[n] = ACTIVATION if ACTIVATION in ins else MASK if MASK in ins else CONSTANT
     return origin
+
+
+#: tensor constructors that read only their input's shape, dtype and device (Swin's shifted-window
+#: mask is ``x.new_zeros(...)`` filled with constants): what they build is a constant, not data
+_SHAPE_ONLY = {_aten.new_zeros.default, _aten.new_ones.default, _aten.new_full.default, _aten.new_empty.default,
+               _aten.zeros_like.default, _aten.ones_like.default, _aten.full_like.default, _aten.empty_like.default,
+               torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like}
+
+
+def _shape_only(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return n.target in ("new_zeros", "new_ones", "new_full", "new_empty")
+    return n.op == "call_function" and n.target in _SHAPE_ONLY
 
 
 @dataclass
