@@ -43,7 +43,17 @@ def _launch(tmp_path, parts):
 
 
 def _reference(part, micro_batches):
-    """The single-process run on the batches both ranks saw."""
+    """The single-process run on the batches both ranks saw, on one thread like each rank (the
+    ranks run with OMP_NUM_THREADS=1: another thread count sums convolutions in another order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _reference_run(part, micro_batches)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_run(part, micro_batches):
     kwargs, extra_trainer = ddp_script.run_config(part)
     kwargs["calibration_batches"] *= 2 if micro_batches else 1  # the 2 ranks' calibration batches
     torch.manual_seed(0)
