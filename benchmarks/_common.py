@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark scripts: a short FP32 training run on digits and accuracy."""
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -42,6 +43,22 @@ def train_fp32(name: str, epochs: int, lr: float = 2e-3, seed: int = 0, log=prin
     log(f"  trained {name} for {epochs} epochs in {time.perf_counter() - t0:.0f}s: "
         f"val acc {accuracy(model, x_va, y_va):.2f}%")
     return model.eval(), (x_tr, y_tr, x_va, y_va)
+
+
+def cached_fp32(name: str, epochs: int, cache_dir, log=print):
+    """:func:`train_fp32`, or its weights loaded from ``cache_dir`` (the data split is always
+    recomputed); returns ``(model, (x_tr, y_tr, x_va, y_va))``."""
+    path = os.path.join(cache_dir, f"{name}_e{epochs}_s0.pt") if cache_dir else None
+    if path and os.path.exists(path):
+        model = getattr(torchvision.models, name)(num_classes=10)
+        model.load_state_dict(torch.load(path, weights_only=True))
+        log(f"  loaded {path}")
+        return model.eval(), digits_tensors()
+    model, data = train_fp32(name, epochs, log=log)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model, data
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

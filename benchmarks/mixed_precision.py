@@ -41,30 +41,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import accuracy, batches, markdown_table, train_fp32  # noqa: E402
+from _common import accuracy, batches, cached_fp32, markdown_table  # noqa: E402
 
 from qat_plugin import QuantSimModel  # noqa: E402
 from qat_plugin.mixed_precision import choose_mixed_precision  # noqa: E402
 
 SCHEME = dict(quant_scheme="tf_enhanced", param_quant_scheme="tf")
-
-
-def fp32_model(name, epochs, cache_dir, log=print):
-    """Train (or load from ``cache_dir``) the FP32 model; the data split is always recomputed."""
-    import torchvision
-    from qat_plugin.data import digits_tensors
-
-    path = os.path.join(cache_dir, f"{name}_e{epochs}_s0.pt") if cache_dir else None
-    if path and os.path.exists(path):
-        model = getattr(torchvision.models, name)(num_classes=10)
-        model.load_state_dict(torch.load(path, weights_only=True))
-        log(f"  loaded {path}")
-        return model.eval(), digits_tensors()
-    model, data = train_fp32(name, epochs, log=log)
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        torch.save(model.state_dict(), path)
-    return model, data
 
 
 def calibrate_fn(x_tr):
@@ -250,7 +232,7 @@ def run_minilm(args, log=print):
 
 
 def run(name, args, log=print):
-    model, (x_tr, y_tr, x_va, y_va) = fp32_model(name, args.epochs, args.cache_dir, log)
+    model, (x_tr, y_tr, x_va, y_va) = cached_fp32(name, args.epochs, args.cache_dir, log)
     fp32 = accuracy(model, x_va, y_va)
     acc8 = accuracy(ptq(model, x_tr, 8, 8).model, x_va, y_va)
     acc4 = accuracy(ptq(model, x_tr, 4, 8).model, x_va, y_va)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import torchvision
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import accuracy, batches, markdown_table, train_fp32  # noqa: E402
+from _common import accuracy, batches, cached_fp32, markdown_table  # noqa: E402
 
 from qat_plugin import QuantSimModel  # noqa: E402
 from qat_plugin.distillation import Distiller  # noqa: E402
@@ -39,22 +39,6 @@ PER_TENSOR = {"name": "default-per-tensor", "defaults": {"per_channel_quantizati
               "supergroups": [{"op_list": ["Conv", "BatchNormalization", "Relu"]},
                               {"op_list": ["Conv", "BatchNormalization", "Clip"]},
                               {"op_list": ["Add", "Relu"]}, {"op_list": ["Gemm", "Relu"]}]}
-
-
-def fp32_model(name, epochs, cache_dir, log=print):
-    path = os.path.join(cache_dir, f"{name}_{epochs}.pt") if cache_dir else None
-    if path and os.path.exists(path):
-        from qat_plugin.data import digits_tensors
-
-        model = getattr(torchvision.models, name)(num_classes=10)
-        model.load_state_dict(torch.load(path, weights_only=True))
-        log(f"  loaded {path}")
-        return model.eval(), digits_tensors()
-    model, data = train_fp32(name, epochs, log=log)
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        torch.save(model.state_dict(), path)
-    return model, data
 
 
 def calibrated(model, calib, pbw, abw, config=None):
@@ -193,7 +177,7 @@ def main(argv=None):
     out = []
     models = {}
     if {"accuracy", "adaround", "distill"} & set(args.parts):
-        models = {n: fp32_model(n, args.epochs, args.cache_dir) for n in args.models}
+        models = {n: cached_fp32(n, args.epochs, args.cache_dir) for n in args.models}
     if "accuracy" in args.parts or "adaround" in args.parts:
         rows = []
         for name, (model, data) in models.items():
