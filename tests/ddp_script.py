@@ -45,10 +45,30 @@ def run_config(part):
     return {**QAT, **extra_qat}, extra_trainer
 
 
-class Recorder(pl.Callback):
-    """Encodings after calibration and after every annealing update, and the inputs seen."""
+#: optimizer steps after which the model's state is kept: learned-range QAT is chaotic in float
+#: rounding (see test_ddp.py), so a single-process run on the concatenated batches is compared
+#: step by step before the first rounding flip, and only loosely at the end.
+EARLY_STEPS = (1, 2, 3)
+
+
+class EarlyStates(pl.Callback):
+    """The module's state after each of ``EARLY_STEPS`` optimizer steps."""
+
+    def __init__(self):
+        self.states = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step in EARLY_STEPS and step not in self.states:
+            self.states[step] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+class Recorder(EarlyStates):
+    """Encodings after calibration and after every annealing update, the inputs seen, and the
+    early states."""
 
     def __init__(self, qat):
+        super().__init__()
         self.qat, self.records = qat, {"updates": {}}
 
     def on_train_start(self, trainer, pl_module):
@@ -56,6 +76,7 @@ class Recorder(pl.Callback):
         self.records["local_input_mean"] = float(next(iter(trainer.train_dataloader))[0].mean())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         ann = self.qat.annealer
         if ann.updates and ann.updates not in self.records["updates"]:
             self.records["updates"][ann.updates] = encodings(self.qat.sim)
@@ -77,7 +98,8 @@ def fit(part, out, rank, ckpt_path=None, save=False):
     module = DigitsModule(lr=0.05)
     trainer.fit(module, shard_loader(rank, BATCH, BATCHES), ckpt_path=ckpt_path)
     rec.records.update(state=module.state_dict(), callback=qat.state_dict(), applied_steps=qat.applied_steps,
-                       requires_grad={k: q.scale.requires_grad for k, q in qat.sim.quantizers().items()})
+                       requires_grad={k: q.scale.requires_grad for k, q in qat.sim.quantizers().items()},
+                       early=rec.states)
     torch.save(rec.records, os.path.join(out, f"{part}_rank{rank}.pt"))
 
 
