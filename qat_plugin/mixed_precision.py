@@ -43,23 +43,30 @@ The search (the algorithm, and its cost in evaluations ``eval_callback(sim.model
 Total: ``1 + moves + 3 + curve_points + 1`` evaluations (plus ``log2(moves)`` with an accuracy
 target; configurations already scored are not scored again), against
 ``sites x candidates`` for an exhaustive per-site pass.
+
+Inside a Lightning fit, ``QuantizationAwareTraining(mixed_precision=MixedPrecisionConfig(...))``
+runs the search with :func:`search_on_batches` right after the network is quantized, before the
+optimizer exists: no labels and no user callback, the score is :func:`output_agreement_score`
+(``-100 x KL(FP32 || sim)`` on the calibration batches).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .analysis import (EvalCallback, ForwardPassCallback, SensitivityResult, SensitivityRow, evaluate,
+from .analysis import (GROUPINGS, EvalCallback, ForwardPassCallback, SensitivityResult, SensitivityRow, evaluate,
                        figure_classes, layer_groups, quantize_only, site_sqnr)
 from .config import check_exportable_bitwidth
-from .errors import QuantConfigError
+from .errors import QuantConfigError, did_you_mean
 
 PHASE1 = ("eval", "sqnr")
 
@@ -206,6 +213,15 @@ def _check_candidates(candidates) -> list[tuple[int, int]]:
     return pairs
 
 
+def _check_targets(allowed_accuracy_drop, max_relative_size, max_relative_bitops) -> None:
+    if allowed_accuracy_drop is None and max_relative_size is None and max_relative_bitops is None:
+        raise QuantConfigError("give allowed_accuracy_drop, max_relative_size and/or max_relative_bitops")
+    for name, v in (("allowed_accuracy_drop", allowed_accuracy_drop), ("max_relative_size", max_relative_size),
+                    ("max_relative_bitops", max_relative_bitops)):
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or math.isnan(v)):
+            raise QuantConfigError(f"{name} must be a number >= 0, got {v!r}")
+
+
 def _options(group, sim, cands) -> list[dict]:
     """The distinct bitwidth assignments the candidates give a group, highest cost last."""
     seen, out = set(), []
@@ -250,17 +266,11 @@ def choose_mixed_precision(sim, eval_callback: EvalCallback, forward_pass_callba
     raises :class:`QuantConfigError` naming that smallest reachable value.
     """
     cands = _check_candidates(candidates)
-    if allowed_accuracy_drop is None and max_relative_size is None and max_relative_bitops is None:
-        raise QuantConfigError("give allowed_accuracy_drop, max_relative_size and/or max_relative_bitops")
-    for name, v in (("allowed_accuracy_drop", allowed_accuracy_drop), ("max_relative_size", max_relative_size),
-                    ("max_relative_bitops", max_relative_bitops)):
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or math.isnan(v)):
-            raise QuantConfigError(f"{name} must be a number >= 0, got {v!r}")
+    _check_targets(allowed_accuracy_drop, max_relative_size, max_relative_bitops)
     if phase1 not in PHASE1:
-        from .errors import did_you_mean
         raise QuantConfigError(f"unknown phase1 '{phase1}'." + did_you_mean(phase1, PHASE1))
-    if curve_points < 0:
-        raise QuantConfigError(f"curve_points must be >= 0, got {curve_points}")
+    if isinstance(curve_points, bool) or not isinstance(curve_points, int) or curve_points < 0:
+        raise QuantConfigError(f"curve_points must be an int >= 0, got {curve_points!r}")
 
     groups = layer_groups(sim, by)
     keys = [s.key for s in sim.quantizer_sites()]
@@ -510,3 +520,200 @@ def plot_pareto(result: MixedPrecisionResult, path: str, *, budget_size: Optiona
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+# ---- inside a Lightning fit: QuantizationAwareTraining(mixed_precision=...) ---------------------
+def _world():
+    """``torch.distributed`` when a process group with more than one rank is running, else ``None``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def _collective_device(dist) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _run(model: nn.Module, x: Any) -> Any:
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
+
+
+def _log_probs(out: Any) -> list[torch.Tensor]:
+    """The floating tensors of a model output (a tensor, or the values of a tuple / list / dict),
+    each as float64 log-probabilities over its last dimension, one row per leading index."""
+    values = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (tuple, list)) else [out]
+    tensors = [t for t in values if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0]
+    if not tensors:
+        raise QuantConfigError(f"the model's output ({type(out).__name__}) has no floating tensor to score; give "
+                               "mixed_precision a score= function (model -> float, higher is better)")
+    return [F.log_softmax(t.detach().double().reshape(-1, t.shape[-1]), dim=-1) for t in tensors]
+
+
+def output_agreement_score(sim, inputs: Sequence[Any]) -> EvalCallback:
+    """A label-free ``eval_callback``: ``-100 x`` the mean over rows of ``KL(FP32 || model)``,
+    the softmax over the last dimension of each output tensor, on ``inputs`` (each a model
+    input, or a tuple of them). Higher is better; 0 is identical. The FP32 reference is
+    ``sim``'s network with every quantizer bypassed, computed once, here. Under DDP the KL sum
+    and row count are all-reduced, so every rank gets the same score: that of all ranks'
+    inputs together (every rank must call the score the same number of times).
+
+    >>> from qat_plugin import QuantSimModel
+    >>> _ = torch.manual_seed(0); x = torch.randn(16, 4)
+    >>> sim = QuantSimModel(nn.Sequential(nn.Linear(4, 3)), x, default_param_bw=4)
+    >>> sim.compute_encodings(lambda m, _: m(x))
+    >>> score = output_agreement_score(sim, [x])
+    >>> with quantize_only(sim, ()):
+    ...     score(sim.model)          # the FP32 network against itself
+    -0.0
+    >>> -1.0 < score(sim.model) < 0   # W4A8 moves the softmax a little
+    True
+    """
+    inputs = list(inputs)
+    if not inputs:
+        raise QuantConfigError("output_agreement_score needs at least one input batch")
+    with quantize_only(sim, ()), torch.no_grad():
+        refs = [_log_probs(_run(sim.model, x)) for x in inputs]
+
+    def score(model: nn.Module) -> float:
+        total = torch.zeros(2, dtype=torch.float64)  # KL sum, rows
+        with torch.no_grad():
+            for x, ref in zip(inputs, refs):
+                for p, q in zip(ref, _log_probs(_run(model, x))):
+                    total[0] += F.kl_div(q, p, log_target=True, reduction="sum").cpu()
+                    total[1] += p.shape[0]
+        dist = _world()
+        if dist is not None:  # every rank: the score of all ranks' batches
+            t = total.to(_collective_device(dist))
+            dist.all_reduce(t)
+            total = t.cpu()
+        return -100.0 * float(total[0] / total[1])
+    return score
+
+
+def _import_callable(path: str) -> Callable:
+    module, _, name = path.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError) as e:
+        raise QuantConfigError(f"cannot import the score function '{path}' ({e}); give 'package.module.function'"
+                               ) from None
+    if not callable(fn):
+        raise QuantConfigError(f"score '{path}' is not a callable 'package.module.function'")
+    return fn
+
+
+@dataclass
+class MixedPrecisionConfig:
+    """The search that ``QuantizationAwareTraining(mixed_precision=...)`` runs right after the
+    network is quantized, before QAT (and before the optimizer exists). Fields as in
+    :func:`choose_mixed_precision`, plus:
+
+    * ``num_batches``: calibration batches for the search's calibrations and its score
+      (default: the callback's ``calibration_batches``);
+    * ``score``: ``score(model) -> float`` (higher is better), or its import path
+      ``"package.module.function"`` (YAML); default :func:`output_agreement_score` on those
+      batches, which needs no labels. ``allowed_accuracy_drop`` is in the score's units: for the
+      default, 1.0 allows a mean KL divergence of 0.01 nats from FP32.
+
+    Example (as a dict, a YAML recipe's ``mixed_precision:`` mapping, works the same)::
+
+        qat = QuantizationAwareTraining(mixed_precision=MixedPrecisionConfig(
+            candidates=[(4, 8), (8, 8)], max_relative_size=0.6, results_dir="out/amp"))
+
+    >>> MixedPrecisionConfig(max_relative_size=0.6).candidates
+    [(4, 8), (8, 8)]
+    """
+
+    candidates: Sequence = ((4, 8), (8, 8))
+    allowed_accuracy_drop: Optional[float] = None
+    max_relative_size: Optional[float] = None
+    max_relative_bitops: Optional[float] = None
+    results_dir: Optional[str] = None
+    num_batches: Optional[int] = None
+    by: str = "layer"
+    phase1: str = "eval"
+    curve_points: int = 4
+    score: Union[None, str, Callable] = None
+
+    def __post_init__(self) -> None:
+        self.candidates = _check_candidates(self.candidates)
+        _check_targets(self.allowed_accuracy_drop, self.max_relative_size, self.max_relative_bitops)
+        if self.by not in GROUPINGS:
+            raise QuantConfigError(f"unknown grouping by='{self.by}'." + did_you_mean(self.by, GROUPINGS))
+        if self.phase1 not in PHASE1:
+            raise QuantConfigError(f"unknown phase1 '{self.phase1}'." + did_you_mean(self.phase1, PHASE1))
+        for name, v, least in (("curve_points", self.curve_points, 0), ("num_batches", self.num_batches, 1)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+                raise QuantConfigError(f"{name} must be an int >= {least}, got {v!r}")
+        if isinstance(self.score, str):
+            _import_callable(self.score)
+        elif self.score is not None and not callable(self.score):
+            raise QuantConfigError(f"score must be a function model -> float or its import path, got {self.score!r}")
+
+    @classmethod
+    def from_value(cls, value: Union[None, bool, dict, "MixedPrecisionConfig"]) -> Optional["MixedPrecisionConfig"]:
+        """``None``/``False``: no search; a dict: its fields (unknown keys: "Did you mean ...")."""
+        if value is None or value is False:
+            return None
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            fields = set(cls.__dataclass_fields__)
+            for key in value:
+                if key not in fields:
+                    raise QuantConfigError(f"unknown mixed_precision field '{key}'." + did_you_mean(key, sorted(fields)))
+            return cls(**value)
+        raise QuantConfigError(f"mixed_precision must be a dict or a MixedPrecisionConfig, got {value!r}")
+
+    def score_fn(self) -> Optional[Callable]:
+        return _import_callable(self.score) if isinstance(self.score, str) else self.score
+
+
+def search_on_batches(sim, inputs: Sequence[Any], config: MixedPrecisionConfig, *,
+                      verbose: bool = True) -> MixedPrecisionResult:
+    """:func:`choose_mixed_precision` on a list of model inputs (each a tensor or a tuple of
+    them): they are the forward pass of every calibration and the data of the score
+    (``config.score``, default :func:`output_agreement_score`). The network runs in eval mode
+    (its mode is restored); the sim is left with the chosen bitwidths, calibrated on ``inputs``.
+
+    DDP (a process group of more than one rank): every rank calls this with its own batches,
+    as many as the others. Calibration statistics are all-reduced (identical encodings) and so
+    are the default score's sums (identical scores), so every rank takes the same decisions.
+    Then rank 0's chosen bitwidths are broadcast; if any rank holds others (a user ``score``
+    that is not reduced), every rank takes rank 0's and they calibrate again together.
+    Only rank 0 writes ``results_dir``.
+    """
+    inputs = list(inputs)
+
+    def forward(model, _):
+        for x in inputs:
+            _run(model, x)
+
+    dist = _world()
+    model = sim.model
+    was_training = model.training
+    model.eval()
+    try:
+        score = config.score_fn() or output_agreement_score(sim, inputs)
+        result = choose_mixed_precision(
+            sim, score, forward, config.candidates, allowed_accuracy_drop=config.allowed_accuracy_drop,
+            max_relative_size=config.max_relative_size, max_relative_bitops=config.max_relative_bitops,
+            results_dir=config.results_dir if dist is None or dist.get_rank() == 0 else None, by=config.by,
+            phase1=config.phase1, curve_points=config.curve_points, verbose=verbose)
+        if dist is not None:
+            mine = {s.key: s.bitwidth for s in sim.quantizer_sites()}
+            chosen = [mine]
+            dist.broadcast_object_list(chosen, src=0)
+            differs = torch.tensor([float(chosen[0] != mine)], device=_collective_device(dist))
+            dist.all_reduce(differs, op=dist.ReduceOp.MAX)
+            if differs.item() > 0:  # collective: every rank calibrates again
+                if chosen[0] != mine:
+                    warnings.warn("mixed precision: this rank chose other bitwidths than rank 0 (is the score "
+                                  "the same on every rank?); taking rank 0's", stacklevel=2)
+                sim.set_bitwidths(chosen[0])
+                sim.compute_encodings(forward)
+    finally:
+        model.train(was_training)
+    return result

@@ -426,3 +426,69 @@ def test_callback_rejects_bad_precision_overrides_at_construction(overrides, mat
     from qat_plugin.callbacks import QuantizationAwareTraining
     with pytest.raises(QuantConfigError, match=match):
         QuantizationAwareTraining(precision_overrides=overrides)
+
+
+# ---- Lightning: the callback's mixed_precision search (search -> QAT -> export in one fit) --------
+MP = {"candidates": [[4, 8], [8, 8]], "max_relative_size": 0.7, "num_batches": 2, "curve_points": 0}
+
+
+def test_callback_searches_before_the_optimizer_and_the_checkpoint_keeps_the_bitwidths(tmp_path):
+    """Given a fit with mixed_precision, when setup runs, then the bitwidths are the ones a direct
+    search with the label-free KL score on the same calibration batches picks, the optimizer
+    holds the chosen quantizers' ranges, and validate(ckpt_path=) in a fresh callback restores
+    the bitwidths and gives the fitted model's outputs exactly."""
+    import copy
+    from lightning_helpers import DigitsModule, ordered_loaders, trainer
+    from qat_plugin.callbacks import QuantizationAwareTraining
+    from qat_plugin.mixed_precision import MixedPrecisionConfig, search_on_batches
+
+    train, val = ordered_loaders(n_batches=2, batch_size=16)
+    torch.manual_seed(0)
+    module = DigitsModule()
+    fp32 = copy.deepcopy(module.net).eval()
+    qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, annealing=False, learn_ranges=True,
+                                    mixed_precision={**MP, "results_dir": str(tmp_path / "amp")})
+    tr = trainer(tmp_path, 2, [qat])
+    tr.fit(module, train, val)
+
+    chosen = bits(qat.sim)
+    assert chosen == qat.mixed_precision_bitwidths
+    assert chosen == json.load(open(tmp_path / "amp" / "mixed_precision.json"))["bitwidths"]
+    w = {s.key: qat.sim.weight_of(s.key).numel() for s in qat.sim.quantizer_sites() if s.kind == "param"}
+    size = sum(n * chosen[k] for k, n in w.items()) / sum(8 * n for n in w.values())
+    assert size <= 0.7 and {chosen[k] for k in w} == {4, 8}  # a real mix within the budget
+    assert os.path.isfile(tmp_path / "amp" / "pareto.png")
+
+    direct = QuantSimModel(fp32, torch.zeros(2, 1, 8, 8), quant_scheme="tf", learnable=True)
+    search_on_batches(direct, [x for x, _ in train], MixedPrecisionConfig(**MP), verbose=False)
+    assert bits(direct) == chosen
+
+    in_optimizer = {id(p) for g in tr.optimizers[0].param_groups for p in g["params"]}
+    assert all(id(q.scale) in in_optimizer for q in qat.sim.quantizers().values())
+
+    ckpt = str(tmp_path / "fit.ckpt")
+    tr.save_checkpoint(ckpt)
+    module2 = DigitsModule()
+    qat2 = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, annealing=False, learn_ranges=True)
+    trainer(tmp_path, 2, [qat2]).validate(module2, val, ckpt_path=ckpt, verbose=False)
+    assert bits(qat2.sim) == chosen
+    xv = next(iter(val))[0]
+    with torch.no_grad():
+        assert torch.equal(module2.net.eval()(xv), module.net.eval()(xv))
+
+
+def test_mixed_precision_config_errors_say_what_to_do():
+    from qat_plugin.callbacks import QuantizationAwareTraining
+    from qat_plugin.mixed_precision import MixedPrecisionConfig
+    for value, match in [({"max_relative_sise": 0.5}, "Did you mean 'max_relative_size'"),
+                         ({"candidates": [[4, 8]], "max_relative_size": 0.5}, "at least two"),
+                         ({"candidates": [[6, 8], [8, 8]], "max_relative_size": 0.5}, "cannot be exported"),
+                         ({}, "give allowed_accuracy_drop"),
+                         ({"max_relative_size": 0.5, "phase1": "sqrn"}, "Did you mean 'sqnr'"),
+                         ({"max_relative_size": 0.5, "num_batches": 0}, "num_batches must be an int >= 1"),
+                         ({"max_relative_size": 0.5, "score": "no_such_module.f"}, "cannot import the score"),
+                         ("0.5", "must be a dict")]:
+        with pytest.raises(QuantConfigError, match=match):
+            QuantizationAwareTraining(mixed_precision=value)
+    assert MixedPrecisionConfig.from_value(None) is None
+    assert MixedPrecisionConfig(score="math.sqrt", max_relative_size=0.5).score_fn() is math.sqrt

@@ -16,11 +16,13 @@ The callback's own state is plain values; encodings live in the model's ``state_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.utilities import move_data_to_device
 
 from ..annealing import AnnealingConfig, EncodingAnnealer
 from ..calibration import param_scheme_for
@@ -29,6 +31,7 @@ from ..precision import loss_scaler
 from ..graph.apply import check_bn_folding
 from ..quantsim import QuantSimModel, _check_bitwidth, precision_spec
 from ..ptq.pipeline import PTQConfig
+from ..mixed_precision import MixedPrecisionConfig, MixedPrecisionResult, search_on_batches
 
 
 def _default_input(batch: Any) -> Any:
@@ -142,6 +145,17 @@ class QuantizationAwareTraining(Callback):
             e.g. ``{"cle": True, "adaround": {"num_iterations": 200}, "bias_correction": True}``):
             CLE on the FP32 network before it is quantized; AdaRound and bias correction on the
             calibration batches right after calibration. Their reports: ``ptq_report``.
+        mixed_precision: search per-layer bitwidths before QAT (search -> QAT -> export in one
+            fit): a :class:`~qat_plugin.mixed_precision.MixedPrecisionConfig` or its fields as a
+            dict, e.g. ``{"candidates": [[4, 8], [8, 8]], "max_relative_size": 0.6}``. Runs in
+            ``setup`` of ``fit``, after ``precision_overrides`` and before the optimizer exists,
+            on the first ``num_batches`` (default ``calibration_batches``) batches of the
+            calibration data, scored without labels (``-100 x KL(FP32 || sim)`` of the outputs)
+            unless the config gives a ``score``; the sim stays calibrated from the search. Under
+            DDP every rank ends with rank 0's bitwidths. The chosen bitwidths are saved in the
+            checkpoint (``validate``/``test``/resume with ``ckpt_path`` restore them); result:
+            ``mixed_precision_result``. Under ``fast_dev_run``: at most that many batches,
+            ``phase1="sqnr"``, no curve points (a smoke run of the path).
 
     Example::
 
@@ -160,7 +174,8 @@ class QuantizationAwareTraining(Callback):
                  export_prefix: str = "model", input_fn: Optional[Callable[[Any], Any]] = None,
                  log_every_n_steps: int = 50, param_quant_scheme: Optional[str] = None,
                  ptq: Union[None, bool, dict, PTQConfig] = None,
-                 precision_overrides: Union[None, str, dict] = None):
+                 precision_overrides: Union[None, str, dict] = None,
+                 mixed_precision: Union[None, dict, MixedPrecisionConfig] = None):
         param_scheme_for(quant_scheme, param_quant_scheme)
         if calibration_batches < 1:
             raise QuantConfigError(f"calibration_batches must be >= 1, got {calibration_batches}")
@@ -203,6 +218,9 @@ class QuantizationAwareTraining(Callback):
         self.precision_overrides = precision_overrides
         self.ptq: Optional[PTQConfig] = PTQConfig.from_value(ptq)
         self.ptq_report: dict = {}
+        self.mixed_precision = MixedPrecisionConfig.from_value(mixed_precision)
+        self.mixed_precision_result: Optional[MixedPrecisionResult] = None
+        self.mixed_precision_bitwidths: Optional[dict] = None  # site key -> bits, once searched or restored
 
         self.sim: Optional[QuantSimModel] = None
         self.annealer: Optional[EncodingAnnealer] = None
@@ -233,6 +251,8 @@ class QuantizationAwareTraining(Callback):
         self.sim = QuantSimModel(network, self._tracing_input, **self.sim_kwargs)
         if self.precision_overrides is not None:
             self.sim.apply_precision(self.precision_overrides)
+        if self.mixed_precision is not None and stage == "fit":
+            self.search_precision(trainer)
         parent, _, attr = name.rpartition(".")
         setattr(pl_module.get_submodule(parent) if parent else pl_module, attr, self.sim.model)
         if self.annealing is not None:
@@ -272,6 +292,48 @@ class QuantizationAwareTraining(Callback):
         raise QuantConfigError("QuantizationAwareTraining needs an input to trace the network: set dummy_input=, "
                                "the LightningModule's example_input_array, or pass a loader or datamodule to "
                                "trainer.fit/validate/test")
+
+    # ---- mixed-precision search (mixed_precision=) -------------------------------------------
+    def search_precision(self, trainer: Trainer) -> MixedPrecisionResult:
+        """Run the ``mixed_precision`` search on the first ``num_batches`` batches of the
+        calibration data (``calibration_dataloader``, else the datamodule's training loader or
+        the loader given to ``fit``, read without moving any random number generator); then the
+        ``ptq`` steps on the same batches. Called by ``setup``, before the optimizer exists."""
+        cfg = self.mixed_precision
+        n = cfg.num_batches or self.calibration_batches
+        if trainer.fast_dev_run:  # a smoke run of the path: few batches, no phase-1 evaluations
+            n = min(n, int(trainer.fast_dev_run))
+            cfg = dataclasses.replace(cfg, phase1="sqnr", curve_points=0)
+        loader = self.calibration_dataloader
+        if loader is None and trainer.datamodule is not None:
+            loader = trainer.datamodule.train_dataloader()
+        if loader is None:
+            loader = _stage_loader(trainer)
+        if loader is None:
+            raise QuantConfigError("mixed_precision needs calibration data: pass calibration_dataloader= or give "
+                                   "trainer.fit a training loader or datamodule")
+        device = next((p.device for p in self.sim.model.parameters()), torch.device("cpu"))
+        with rng_preserved(loader):
+            inputs = [move_data_to_device(self.input_fn(b), device) for _, b in zip(range(n), loader)]
+        self.mixed_precision_result = search_on_batches(self.sim, inputs, cfg, verbose=trainer.is_global_zero)
+        self.mixed_precision_bitwidths = {s.key: s.bitwidth for s in self.sim.quantizer_sites()}
+        if self.ptq is not None:
+            self.ptq_report = self.ptq.apply(self.sim, inputs)
+        return self.mixed_precision_result
+
+    def _restore_bitwidths(self, bits: dict) -> None:
+        """A checkpoint's searched bitwidths: the model's state has just been loaded into
+        quantizers of this setup's bitwidths; move each changed one's state to a quantizer of
+        the checkpoint's bitwidth."""
+        for q in self._bypassed:
+            q.enabled = True
+        qs = self.sim.quantizers()
+        states = {k: qs[k].state_dict() for k, b in bits.items() if k in qs and qs[k].bitwidth != b}
+        self.sim.set_bitwidths(bits)
+        for k, state in states.items():
+            self.sim.quantizers()[k].load_state_dict(state)
+        self.mixed_precision_bitwidths = dict(bits)
+        self._bypass()
 
     # ---- calibration -------------------------------------------------------------------------
     # Until calibrated (or restored from a checkpoint), the quantizers are bypassed, so that
@@ -458,7 +520,8 @@ class QuantizationAwareTraining(Callback):
     # ---- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"applied_steps": self.applied_steps, "ranges_frozen": self.ranges_frozen, "bn_frozen": self.bn_frozen,
-                "annealer": self.annealer.state_dict() if self.annealer is not None else None}
+                "annealer": self.annealer.state_dict() if self.annealer is not None else None,
+                "mixed_precision_bitwidths": self.mixed_precision_bitwidths}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self.sim is None:
@@ -467,6 +530,8 @@ class QuantizationAwareTraining(Callback):
             self._apply_state(state_dict)
 
     def _apply_state(self, state: dict) -> None:
+        if state.get("mixed_precision_bitwidths"):
+            self._restore_bitwidths(state["mixed_precision_bitwidths"])
         self.applied_steps = int(state["applied_steps"])
         if state["ranges_frozen"]:
             self.freeze_ranges()
