@@ -492,3 +492,52 @@ def test_mixed_precision_config_errors_say_what_to_do():
             QuantizationAwareTraining(mixed_precision=value)
     assert MixedPrecisionConfig.from_value(None) is None
     assert MixedPrecisionConfig(score="math.sqrt", max_relative_size=0.5).score_fn() is math.sqrt
+
+
+@pytest.mark.slow
+def test_mixed_search_recipe_runs_fp32_search_qat_export_in_one_command(tmp_path, capsys):
+    """recipes/mobilenet_v2_mixed_search.yaml, shortened (FP32 warm-up 2 epochs, QAT 1 epoch):
+    the search meets the size budget with a real W4/W8 mix, and the exported mixed file agrees
+    with the simulation in ONNX Runtime."""
+    import re
+    from qat_plugin.cli import main
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "mobilenet_v2_mixed_search.yaml")
+    main(["fit", "--config", recipe, "--trainer.max_epochs", "1", "--model.init_args.fp32_warmup_epochs", "2",
+          "--trainer.default_root_dir", str(tmp_path), "--report_dir", str(tmp_path / "export"),
+          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
+    out = capsys.readouterr().out
+    print(out[-3000:])
+    data = json.load(open(tmp_path / "mixed_precision" / "mixed_precision.json"))
+    assert data["chosen"]["relative_size"] <= 0.6 and set(data["bitwidths"].values()) == {4, 8}
+    mix = json.load(open(tmp_path / "export" / "model.encodings"))["qat_plugin_bitwidths"]["param"]
+    assert set(mix) == {"4", "8"}
+    agreement = float(re.search(r"top-1 agreement ([\d.]+)%", out).group(1))
+    qat, ort = (float(re.search(rf"{name}\s+([\d.]+)", out).group(1)) for name in ("QAT", r"ONNX Runtime \(exported file\)"))
+    assert agreement >= 99.0 and abs(qat - ort) <= 1.0
+
+
+# ---- copy.deepcopy(sim) -------------------------------------------------------------------------
+def test_deepcopy_of_a_sim_is_independent_and_gives_identical_outputs():
+    """Given a calibrated mixed sim, its deep copy gives bit-identical outputs; changing the copy's
+    bitwidths and weights leaves the original's outputs and bitwidths as they were; the runtime
+    config survives pickling (its mappings are read-only views)."""
+    import copy
+    import pickle
+    sim = make(default_param_bw=4)
+    sim.set_precision("stem", param_bw=8)
+    sim.compute_encodings(forward)
+    before = sim.model(X)
+    twin = copy.deepcopy(sim)
+    assert torch.equal(twin.model(X), before)
+    assert all(twin.quantizers()[k] is not q for k, q in sim.quantizers().items())
+    assert twin.model.get_submodule("fc").param_quantizers["weight"] is twin.quantizers()["fc.weight"]
+
+    twin.set_precision("fc", param_bw=8)
+    twin.compute_encodings(forward)
+    with torch.no_grad():
+        twin.model.get_submodule("a").weight.add_(1.0)
+    assert not torch.equal(twin.model(X), before)
+    assert torch.equal(sim.model(X), before)
+    assert (bits(sim)["fc.weight"], bits(twin)["fc.weight"]) == (4, 8)
+    assert pickle.loads(pickle.dumps(sim.config)) == sim.config

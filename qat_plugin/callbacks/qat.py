@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -151,7 +152,8 @@ class QuantizationAwareTraining(Callback):
             ``setup`` of ``fit``, after ``precision_overrides`` and before the optimizer exists,
             on the first ``num_batches`` (default ``calibration_batches``) batches of the
             calibration data, scored without labels (``-100 x KL(FP32 || sim)`` of the outputs)
-            unless the config gives a ``score``; the sim stays calibrated from the search. Under
+            unless the config gives a ``score``; the sim stays calibrated from the search (a
+            relative ``results_dir`` is taken under ``trainer.default_root_dir``). Under
             DDP every rank ends with rank 0's bitwidths. The chosen bitwidths are saved in the
             checkpoint (``validate``/``test``/resume with ``ckpt_path`` restore them); result:
             ``mixed_precision_result``. Under ``fast_dev_run``: at most that many batches,
@@ -304,6 +306,8 @@ class QuantizationAwareTraining(Callback):
         if trainer.fast_dev_run:  # a smoke run of the path: few batches, no phase-1 evaluations
             n = min(n, int(trainer.fast_dev_run))
             cfg = dataclasses.replace(cfg, phase1="sqnr", curve_points=0)
+        if cfg.results_dir is not None and not os.path.isabs(cfg.results_dir):  # beside the run's logs
+            cfg = dataclasses.replace(cfg, results_dir=os.path.join(trainer.default_root_dir, cfg.results_dir))
         loader = self.calibration_dataloader
         if loader is None and trainer.datamodule is not None:
             loader = trainer.datamodule.train_dataloader()

@@ -57,7 +57,7 @@ Fields (every one optional; booleans must be JSON booleans):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
@@ -139,6 +139,11 @@ class ParamRule:
 _EMPTY: Mapping = MappingProxyType({})
 
 
+def _runtime_config(items: tuple) -> "RuntimeConfig":
+    """Unpickle a :class:`RuntimeConfig` (its mappings arrive as dicts)."""
+    return RuntimeConfig(**{k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in items})
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """A validated runtime config. Build it with :func:`qat_plugin.config.load_config`."""
@@ -156,6 +161,16 @@ class RuntimeConfig:
     model_input_quantized: bool = True
     model_output_quantized: bool = True
     names: Mapping[str, PrecisionRule] = field(default_factory=lambda: _EMPTY)
+
+    # The mappings are read-only views (MappingProxyType), which neither pickle nor deep-copy;
+    # the config is an immutable value, so a deep copy is the config itself, and pickling
+    # rebuilds it from plain dicts (copy.deepcopy(sim), torch.save(sim), spawned processes).
+    def __deepcopy__(self, memo: dict) -> "RuntimeConfig":
+        return self
+
+    def __reduce__(self):
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return _runtime_config, (tuple((k, dict(v) if isinstance(v, Mapping) else v) for k, v in values.items()),)
 
     def __post_init__(self):
         for name in self.op_type:
