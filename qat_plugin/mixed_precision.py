@@ -11,10 +11,15 @@ Definitions (both relative to every site at the highest candidate bitwidths):
 
 * **size**: ``sum over weight sites of (number of weights x param_bw)``, in bits.
 * **bitops**: ``sum over weighted layers of (MACs x param_bw x bitwidth of the layer's input
-  quantizer)``. MACs per sample come from the weight shape and the layer's output shape,
-  recorded with forward hooks during one ``forward_pass_callback`` run (functional weights
-  such as ``F.linear(x, self.w)`` and embedding tables count as 0 MACs; their size counts). The input quantizer is the activation site
-  the layer reads (found in the graph); a layer with none counts the sim's ``default_output_bw``.
+  quantizer)``, plus ``sum over activation x activation matmuls (attention's q @ k^T and
+  attn @ v) of (MACs x the bitwidths of both input quantizers)``. MACs per sample come from
+  the weight shape and the layer's output shape, recorded with forward hooks during one
+  ``forward_pass_callback`` run (functional weights such as ``F.linear(x, self.w)`` and
+  embedding tables count as 0 MACs; their size counts); a matmul's MACs are its output
+  elements x the shared dimension, from the shapes of the first batch of that run, divided
+  by its batch size. The input quantizer is the activation site an operand reads (found in
+  the graph, walking back over views, transposes and scalings); an operand with none counts
+  the sim's ``default_output_bw``.
 * **activation bits**: ``sum over activation sites of (elements per sample x output_bw)``, the
   quantized activations one sample moves (counted by the same hooks); it sees what bitops
   miss, e.g. a 16-bit softmax or residual add.
@@ -54,6 +59,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import operator
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -120,6 +126,8 @@ class CostModel:
     input_site: dict  # weight site -> activation site feeding the layer (None: unquantized input)
     default_input_bw: int
     activations: dict = field(default_factory=dict)  # activation site -> elements per sample
+    #: activation x activation matmul node -> (MACs per sample, site of operand a, site of operand b)
+    matmuls: dict = field(default_factory=dict)
 
     def activation_bits(self, bits: dict) -> float:
         """Bits of quantized activations per sample (a tie-breaker when size and bitops do not move)."""
@@ -129,8 +137,29 @@ class CostModel:
         return float(sum(n * bits[k] for k, n in self.weights.items()))
 
     def bitops(self, bits: dict) -> float:
-        return float(sum(m * bits[k] * (bits[self.input_site[k]] if self.input_site[k] else self.default_input_bw)
-                         for k, m in self.macs.items()))
+        bw = lambda site: bits[site] if site else self.default_input_bw  # noqa: E731
+        return float(sum(m * bits[k] * bw(self.input_site[k]) for k, m in self.macs.items())
+                     + sum(m * bw(a) * bw(b) for m, a, b in self.matmuls.values()))
+
+
+def _source(sim, node) -> tuple[str, Optional[str]]:
+    """Where the value a node reads comes from, walking back over first arguments (views,
+    transposes, scalings): ``("act", key)`` / ``("param", key)`` for a quantizer site,
+    ``("const", None)`` for a parameter or buffer, ``("input", None)`` otherwise."""
+    for _ in range(32):
+        if not isinstance(node, torch.fx.Node):
+            return "input", None
+        if node.op == "call_module" and str(node.target).startswith("quantizers."):
+            key = str(node.target)[len("quantizers."):]
+            if key not in sim.quantizers():
+                return "input", None
+            return ("param" if sim.plan.site(key).kind == "param" else "act"), key
+        if node.op == "get_attr":
+            return "const", None
+        if node.op == "placeholder" or not node.args:
+            return "input", None
+        node = node.args[0]
+    return "input", None
 
 
 def _input_site(sim, module_path: str) -> Optional[str]:
@@ -139,16 +168,54 @@ def _input_site(sim, module_path: str) -> Optional[str]:
     if graph is None:
         return None
     node = next((n for n in graph.nodes if n.op == "call_module" and n.target == module_path), None)
-    for _ in range(32):
-        if node is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
-            return None
-        node = node.args[0]
-        if node.op == "call_module" and str(node.target).startswith("quantizers."):
-            key = str(node.target)[len("quantizers."):]
-            return key if key in sim.quantizers() else None
-        if node.op in ("placeholder", "get_attr"):
-            return None
-    return None
+    if node is None or not node.args:
+        return None
+    kind, key = _source(sim, node.args[0])
+    return key if kind == "act" else None
+
+
+_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.mm, torch.ops.aten.matmul.default,
+                     torch.ops.aten.bmm.default, torch.ops.aten.mm.default}
+_MATMUL_METHODS = {"matmul", "bmm", "mm", "__matmul__"}
+
+
+def _activation_matmuls(sim) -> dict:
+    """Matmul nodes whose two operands are both activations (neither reads a weight), with the
+    activation site of each operand (``None``: an unquantized input)."""
+    graph = getattr(sim.model, "graph", None)
+    out = {}
+    for n in graph.nodes if graph is not None else ():
+        if not ((n.op == "call_function" and n.target in _MATMUL_FUNCTIONS)
+                or (n.op == "call_method" and n.target in _MATMUL_METHODS)) or len(n.args) < 2:
+            continue
+        (ka, a), (kb, b) = _source(sim, n.args[0]), _source(sim, n.args[1])
+        if "param" not in (ka, kb) and "const" not in (ka, kb):
+            out[n] = (a, b)
+    return out
+
+
+class _MatmulShapes(torch.fx.Interpreter):
+    """Runs a GraphModule and records ``(a.shape, b.shape, out.shape)`` of the given matmul nodes."""
+
+    def __init__(self, gm, nodes):
+        super().__init__(gm)
+        self.nodes, self.shapes = set(nodes), {}
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if n in self.nodes:
+            self.shapes[n] = (tuple(self.env[n.args[0]].shape), tuple(self.env[n.args[1]].shape), tuple(result.shape))
+        return result
+
+
+def matmul_macs(a_shape: Sequence[int], out_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of ``a @ b``: each output element is a dot product over ``a``'s last
+    dimension.
+
+    >>> matmul_macs((2, 4, 5, 8), (2, 4, 5, 5))   # q @ k^T: 2 x 4 heads x 5 x 5 scores of length 8
+    1600
+    """
+    return math.prod(out_shape) * a_shape[-1]
 
 
 def cost_model(sim, forward_pass_callback: ForwardPassCallback, forward_pass_callback_args: Any = None) -> CostModel:
@@ -178,6 +245,12 @@ def cost_model(sim, forward_pass_callback: ForwardPassCallback, forward_pass_cal
                 macs[key] = 0
         return fn
 
+    matmuls = _activation_matmuls(sim)
+    first: dict = {}
+    if matmuls:  # the first batch's inputs, for one shape-recording run over the graph
+        def keep_first(module, args):
+            first.setdefault("args", args)  # returns None: the inputs pass unchanged
+        hooks.append(sim.model.register_forward_pre_hook(keep_first))
     for s in sim.quantizer_sites():
         if s.kind != "param":
             hooks.append(sim.quantizers()[s.key].register_forward_hook(count(s.key)))
@@ -186,16 +259,25 @@ def cost_model(sim, forward_pass_callback: ForwardPassCallback, forward_pass_cal
         if s.module is not None:
             inputs[s.key] = _input_site(sim, s.module)
             hooks.append(sim.model.get_submodule(s.module).register_forward_hook(hook(s.key)))
+    mm = {}
     try:
         with quantize_only(sim, ()), torch.no_grad():
             forward_pass_callback(sim.model, forward_pass_callback_args)
+            for h in hooks:
+                h.remove()
+            if first:
+                rec = _MatmulShapes(sim.model, matmuls)
+                rec.run(*first["args"])
+                x = next((t for t in first["args"] if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+                batch = x.shape[0] if x is not None else 1
+                mm = {n.name: (matmul_macs(a, o) // batch, *matmuls[n]) for n, (a, _, o) in rec.shapes.items()}
     finally:
         for h in hooks:
             h.remove()
     for k in weights:
         macs.setdefault(k, 0)
         inputs.setdefault(k, None)
-    return CostModel(weights, macs, inputs, sim.output_bw, acts)
+    return CostModel(weights, macs, inputs, sim.output_bw, acts, mm)
 
 
 # ---- search ------------------------------------------------------------------------------------

@@ -347,6 +347,47 @@ def test_cost_model_counts_weights_and_macs():
         costs.macs[k["b.weight"]] * (8 * 16 - 8 * 8)
 
 
+class Attention(nn.Module):
+    """One head: q, k, v projections, softmax(q @ k^T) @ v (two activation x activation matmuls)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x)
+
+
+def test_bitops_count_activation_by_activation_matmuls():
+    """Given one attention head on 5 tokens of width 8 (batch 3), the cost model finds both
+    matmuls with their operands' sites, 5 x 5 x 8 MACs each per sample, and bitops add
+    MACs x bits(a) x bits(b) for them to the three projections' 5 x 8 x 8 x param_bw x input_bw."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    sim = QuantSimModel(Attention(), x[:2])
+    costs = cost_model(sim, lambda m, _: (m(x), m(x[:1])))  # the first batch sets the shapes
+    assert sorted(costs.matmuls.values()) == [(200, "q_output", "k_output"), (200, "softmax_output", "v_output")]
+    b = bits(sim)
+    proj = 3 * (5 * 8 * 8) * 8 * 8
+    assert costs.bitops(b) == proj + 2 * 200 * 8 * 8
+    assert costs.bitops({**b, "q_output": 16, "softmax_output": 4}) == proj + 200 * 16 * 8 + 200 * 4 * 8
+
+
+@pytest.mark.slow  # the first torch.export capture of a session costs ~10 s
+@pytest.mark.filterwarnings("ignore")
+def test_bitops_count_the_attention_matmuls_of_a_torch_export_capture():
+    """nn.TransformerEncoderLayer (d=16, 2 heads, 5 tokens), captured through torch.export: q @ k^T
+    is 2 heads x 5 x 5 x 8 MACs per sample, attn @ v 2 x 5 x 8 x 5; both read the packed in_proj output."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    sim = QuantSimModel(model, x)
+    costs = cost_model(sim, lambda m, _: m(x))
+    assert sorted(costs.matmuls.values()) == [(400, "linear_output", "linear_output"),
+                                              (400, "softmax_int_output", "linear_output")]
+
+
 # ---- export -------------------------------------------------------------------------------------
 def test_mixed_export_matches_simulation_in_ort(tmp_path):
     """W4 / W8 / W16 weights and A8 / A16 activations in one file: ORT (Q/DQ as float math)
