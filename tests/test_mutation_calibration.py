@@ -14,7 +14,7 @@ from qat_plugin.calibration import (PARAM_QUANT_SCHEMES, QUANT_SCHEMES, Histogra
                                     percentile_range, sqnr_search)
 from qat_plugin.calibration import observers
 from qat_plugin.calibration.observers import Histogram, all_reduce_observer
-from qat_plugin.calibration.range_setting import encoding_sqnr
+from qat_plugin.calibration.range_setting import encoding_sqnr, sqnr_candidates
 from qat_plugin.encoding import Encoding
 from qat_plugin.errors import CalibrationError, QuantConfigError
 
@@ -186,6 +186,40 @@ def _brute_sqnr(hist, enc_scale, enc_min, enc_max, c):
         power += p * x * x
         noise += p * s * s / 12 if qlo <= x <= qhi else p * 3.0 * (x - min(max(x, qlo), qhi)) ** 2
     return 10 * math.log10(power / noise)
+
+
+def test_sqnr_candidates_follow_the_definition():
+    """m = min(lo, 0), M = max(hi, 0). Asymmetric: all pairs (m i / 24, M j / 24); symmetric:
+    +-A k / 128 with A = max(-m, M). Channels: straddling 0, all positive below 1, all negative."""
+    lo = torch.tensor([-2.0, 0.25, -3.0], dtype=torch.float64)
+    hi = torch.tensor([3.0, 0.5, -1.0], dtype=torch.float64)
+    hist = Histogram(torch.ones(3, 4, dtype=torch.float64), lo, hi)
+    m, M = [-2.0, 0.0, -3.0], [3.0, 0.5, 0.0]
+    clo, chi = sqnr_candidates(hist, False)
+    assert clo.shape == chi.shape == (3, 24 * 24) and clo.dtype == torch.float64
+    for c in range(3):
+        got = sorted(zip(clo[c].tolist(), chi[c].tolist()))
+        assert got == sorted((m[c] * i / 24, M[c] * j / 24) for i in range(1, 25) for j in range(1, 25))
+    slo, shi = sqnr_candidates(hist, True)
+    assert slo.shape == shi.shape == (3, 128)
+    for c in range(3):
+        a = max(-m[c], M[c])
+        assert shi[c].tolist() == [a * k / 128 for k in range(1, 129)] and torch.equal(slo[c], -shi[c])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_range_setting_ignores_the_histograms_total_mass(symmetric):
+    """Counts are relative: a histogram scaled to a total mass below 1 gives the same ranges and SQNR."""
+    obs = HistogramObserver(num_bins=256, axis=0)
+    obs.observe(torch.stack([torch.randn(3000), torch.rand(3000) * 5]))
+    small = Histogram(obs.hist.counts * 1e-6, obs.hist.lo, obs.hist.hi)
+    for a, b in zip(percentile_range(obs.hist, 99.0), percentile_range(small, 99.0)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+    big, tiny = sqnr_search(obs.hist, 4, symmetric), sqnr_search(small, 4, symmetric)
+    assert torch.equal(big.min, tiny.min) and torch.equal(big.max, tiny.max)
+    assert torch.allclose(big.sqnr_db, tiny.sqnr_db, rtol=1e-12, atol=0)
+    enc = Encoding.from_min_max(big.min, big.max, 4, symmetric, axis=0)
+    assert torch.allclose(encoding_sqnr(obs.hist, enc), encoding_sqnr(small, enc), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
