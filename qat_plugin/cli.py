@@ -3,9 +3,11 @@
 * ``qat-plugin fit|validate|test --config recipes/X.yaml`` is LightningCLI: recipes are plain
   LightningCLI config files and every field can be overridden (``--trainer.max_epochs 2``).
   ``fit`` adds two steps around ``trainer.fit``: the model's FP32 warm-up (and FP32 / PTQ
-  accuracy, and PTQ with the callback's ``ptq=`` steps -- CLE, AdaRound, bias correction -- when
-  it has any) before, and after it an INT8 export, an ONNX Runtime check and a report table
-  (``--report false`` turns both extra measurements off).
+  accuracy) before, and after it an INT8 export, an ONNX Runtime check and a report table
+  (``--report false`` turns both extra measurements off). When the callback has ``ptq=`` steps
+  (CLE, AdaRound, bias correction), they run once, in the callback; the table gets a
+  "PTQ + ..." row measured right after them, and their report (AdaRound's per-layer table) is
+  printed and saved as ``ptq_report.txt`` next to ``report.md``.
 * ``qat-plugin export X.yaml C.ckpt --out_dir D``: a QAT checkpoint to ``D/<prefix>.onnx`` +
   ``.encodings`` (+ ``_fp32.onnx``).
 * ``qat-plugin verify M.onnx``: the ONNX Runtime check of an exported file.
@@ -46,6 +48,34 @@ def _ptq_label(ptq) -> str:
     steps = [name for name, on in (("CLE", ptq.cle), ("AdaRound", ptq.adaround is not None),
                                    ("bias correction", ptq.bias_correction is not None)) if on]
     return " + ".join(steps) or "nothing"
+
+
+def ptq_report_text(report: dict) -> str:
+    """The callback's ``ptq_report`` as text: AdaRound's per-layer table and the bias shifts."""
+    parts = []
+    if "adaround" in report:
+        parts.append(str(report["adaround"]))
+    if "bias_correction" in report:
+        shifts = report["bias_correction"]
+        parts.append(f"bias correction: {len(shifts)} layers, largest shift "
+                     + (f"{max(shifts.values()):.4g}" if shifts else "-"))
+        parts += [f"  {name:40s} {shift:.4g}" for name, shift in shifts.items()]
+    return "\n".join(parts)
+
+
+class _PTQAccuracy(pl.Callback):
+    """After the QAT callback's calibration (with its ``ptq=`` steps) at the start of training,
+    the validation accuracy of the simulation as PTQ left it: the report's "PTQ + ..." row,
+    without running the PTQ steps a second time on a copy."""
+
+    def __init__(self, qat: QuantizationAwareTraining, dm, results: dict):
+        self.qat, self.dm, self.results = qat, dm, results
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.qat.ptq_report and trainer.is_global_zero:  # empty when resumed (no calibration in this fit)
+            key = f"PTQ + {_ptq_label(self.qat.ptq)}"
+            self.results[key] = _accuracy(self.qat.sim.model, self.dm.val_dataloader(), pl_module.device)
+            print(f"{key}: {self.results[key]:.2f}")
 
 
 class QatCLI(LightningCLI):
@@ -93,22 +123,24 @@ class QatCLI(LightningCLI):
         sim = QuantSimModel(copy.deepcopy(network).eval(), batches[0], **qat.sim_kwargs)
         sim.compute_encodings(lambda m, _: [m(b.to(model.device)) for b in batches])
         self.results["PTQ"] = _accuracy(sim.model, dm.val_dataloader(), model.device)
-        ptq = getattr(qat, "ptq", None)
-        if ptq is not None:  # the callback's post-training steps, measured on a copy
-            print(f"PTQ toolbox: {_ptq_label(ptq)}")
-            net = ptq.prepare(copy.deepcopy(network).eval(), batches[0])
-            sim = QuantSimModel(net, batches[0], **qat.sim_kwargs)
-            sim.compute_encodings(lambda m, _: [m(b.to(model.device)) for b in batches])
-            ptq.apply(sim, [b.to(model.device) for b in batches])
-            self.results[f"PTQ + {_ptq_label(ptq)}"] = _accuracy(sim.model, dm.val_dataloader(), model.device)
+        if getattr(qat, "ptq", None) is not None:  # measured once the callback has run them (no second run)
+            print(f"PTQ toolbox: {_ptq_label(qat.ptq)} (run by the callback right after calibration)")
+            trainer.callbacks.append(_PTQAccuracy(qat, dm, self.results))
 
     def after_fit(self) -> None:
         qat, dm, trainer = _qat_callback(self.trainer), self.datamodule, self.trainer
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, _PTQAccuracy)]
         if not self._cfg("report") or qat is None or dm is None or not trainer.is_global_zero:
             return
         results = self.results
         results["QAT"] = _accuracy(qat.sim.model, dm.val_dataloader(), self.model.device)
         out = self._cfg("report_dir") or os.path.join(trainer.log_dir or trainer.default_root_dir, "export")
+        if qat.ptq_report:  # the callback's PTQ steps (run once, at calibration)
+            text = ptq_report_text(qat.ptq_report)
+            print("\n" + text)
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "ptq_report.txt"), "w") as f:
+                f.write(text + "\n")
         res = qat.sim.export(out, "model", qat._tracing_input, export_fp32=True)
         from .export.verify import median_latency, session, verify
 

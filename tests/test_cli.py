@@ -109,3 +109,47 @@ def test_image_folder_datamodule_on_generated_images(tmp_path):
     assert len(split.val_dataloader().dataset) == 2
     with pytest.raises(FileNotFoundError):
         ImageFolderDataModule(str(tmp_path / "nope"))
+
+
+def test_ptq_steps_run_once_and_their_report_is_kept(tmp_path, capsys, monkeypatch):
+    """A recipe with ptq= runs AdaRound and bias correction once (in the callback, not again on a
+    copy for the report), prints the "PTQ + ..." accuracy and AdaRound's table, and saves
+    ptq_report.txt (the export after it is another test's: stopped here)."""
+    import qat_plugin.ptq.pipeline as pipeline
+    from qat_plugin.quantsim import QuantSimModel
+
+    calls = {"adaround": 0, "bias_correction": 0}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "apply_adaround", spy("adaround", pipeline.apply_adaround))
+    monkeypatch.setattr(pipeline, "correct_bias", spy("bias_correction", pipeline.correct_bias))
+    monkeypatch.setattr(QuantSimModel, "export", stop)
+    cfg = yaml.safe_load(open(RECIPES[[os.path.basename(r) for r in RECIPES].index("resnet18_w8a8.yaml")]))
+    cfg["model"]["init_args"]["fp32_warmup_epochs"] = 0
+    cfg["data"]["init_args"]["image_size"] = 16
+    qat_args = cfg["trainer"]["callbacks"][0]["init_args"]
+    qat_args.update(calibration_batches=1, ptq={"adaround": {"num_iterations": 2, "rows": 64, "progress": False},
+                                                "bias_correction": {"progress": False}})
+    qat_args.pop("annealing", None)
+    cfg["trainer"].update(max_steps=1, max_epochs=1, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=1, logger=False, enable_checkpointing=False)
+    recipe = tmp_path / "ptq.yaml"
+    yaml.safe_dump(cfg, open(recipe, "w"))
+    with pytest.raises(Stop):
+        main(["fit", "--config", str(recipe), "--report_dir", str(tmp_path / "export")])
+    assert calls == {"adaround": 1, "bias_correction": 1}
+    out = capsys.readouterr().out
+    assert "PTQ + AdaRound + bias correction: " in out and "MSE nearest" in out
+    text = open(tmp_path / "export" / "ptq_report.txt").read()
+    assert "AdaRound: 21 layers" in text and "bias correction: 21 layers" in text
