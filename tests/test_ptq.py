@@ -184,14 +184,45 @@ def test_adaround_learns_integers_within_floor_ceil_with_lower_error(tmp_path):
         assert bool(((n == torch.floor(w0 / s)) | (n == torch.ceil(w0 / s))).all())
 
 
-def test_adaround_fp32_outputs_target_reconstructs_the_fp32_layer_outputs():
-    """target='fp32_outputs' (asymmetric, layer by layer): every layer ends at or below nearest
-    rounding's error against the FP32 network's own layer outputs."""
+@pytest.mark.parametrize("target", ["fp32_outputs", "float_weights"])
+def test_adaround_targets_end_at_or_below_nearest(target):
+    """Both targets: every layer ends at or below nearest rounding's error against its target
+    (fp32_outputs, the default: the FP32 network's own layer outputs; float_weights: the layer's
+    float weights on the same inputs)."""
     model, data, sim = _tiny_adaround_setup()
-    report = apply_adaround(sim, data, num_iterations=100, target="fp32_outputs", progress=False)
+    report = apply_adaround(sim, data, num_iterations=100, target=target, progress=False)
+    assert report.target == target
     assert all(l.mse_adaround <= l.mse_nearest for l in report.layers), str(report)
+    assert all(l.seconds > 0 for l in report.layers) and report.optimize_seconds <= report.seconds
     with pytest.raises(QuantConfigError, match="Did you mean 'fp32_outputs'"):
         apply_adaround(sim, data, target="fp32_output", progress=False)
+
+
+def test_adaround_fp32_outputs_one_pass_equals_one_pass_per_layer(monkeypatch):
+    """The default target runs the data once, rounding layer by layer inside the forward pass;
+    each layer sees exactly the inputs a separate pass after the earlier layers were rounded
+    gives (same learned weights, bit for bit), with 2 passes + re-calibration instead of one
+    pass per layer."""
+    import qat_plugin.ptq.adaround as adaround
+
+    model, data, _ = _tiny_adaround_setup()
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 5 * 5, 6)).eval()
+    joined = [torch.cat(data)]
+    weights, forwards = {}, {}
+    for mode in ("one pass", "pass per layer"):
+        sim = _calibrated(model, data, default_param_bw=4, quant_scheme="tf")
+        if mode == "pass per layer":
+            monkeypatch.setattr(adaround, "_join", lambda batches: None)
+        count = {"n": 0}
+        handle = sim.model.register_forward_pre_hook(lambda *a: count.__setitem__("n", count["n"] + 1))
+        apply_adaround(sim, joined, num_iterations=30, progress=False)
+        handle.remove()
+        forwards[mode] = count["n"]
+        weights[mode] = {n: sim.model.get_submodule(n).weight.detach().clone() for n in ("0", "2", "5")}
+    for name in ("0", "2", "5"):
+        assert torch.equal(weights["one pass"][name], weights["pass per layer"][name]), name
+    assert forwards == {"one pass": 3, "pass per layer": 5}  # FP32 + AdaRound (+ 1 per layer) + activation encodings
 
 
 def test_adaround_export_carries_learned_integers(tmp_path):
