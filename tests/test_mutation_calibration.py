@@ -383,3 +383,26 @@ def test_all_reduce_refuses_different_channel_counts(group):
     errors = group.run(obs)
     assert isinstance(errors[0], RuntimeError)
     assert "quantizer site 'conv1': ranks disagree on the channel count (2 here, 4 elsewhere)" in str(errors[0])
+
+
+def test_all_reduce_gives_every_rank_bit_identical_float64_statistics(group):
+    """A rank without data takes part with float64 placeholders: its merged range is not rounded."""
+    obs = [HistogramObserver(num_bins=8, axis=0, name="h") for _ in range(3)]
+    for o in obs[:2]:
+        o.observe(torch.tensor([[-0.3, 0.7, 0.1], [0.2, 1.1, 0.3]]))
+    assert group.run(obs) == [None] * 3
+    for o in obs:
+        assert o.hist.lo.dtype == o.hist.hi.dtype == o.hist.counts.dtype == torch.float64
+        for field in ("lo", "hi", "counts"):
+            assert torch.equal(getattr(o.hist, field), getattr(obs[0].hist, field))
+    assert obs[2].hist.lo.tolist() == [float(torch.tensor(-0.3)), float(torch.tensor(0.2))]
+
+
+def test_all_reduce_without_a_process_group_changes_nothing():
+    obs = HistogramObserver(num_bins=4, axis=0, count_nonfinite=True)
+    obs.observe(torch.tensor([[1.0, 2.0, float("nan")], [0.0, -1.0, 3.0]]))
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in obs.state_dict().items()}
+    all_reduce_observer(obs)
+    after = obs.state_dict()
+    assert after["nonfinite"] == before["nonfinite"] == 1
+    assert all(torch.equal(after[k], before[k]) for k in ("counts", "lo", "hi"))
