@@ -4,12 +4,15 @@ Given a captured graph with shapes propagated, each pass is a pure function: BN 
 supergroups, value origins (data / mask / constant), sites, model outputs, shared encodings,
 bias sources.
 """
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from qat_plugin.config import load_config
 from qat_plugin.graph.plan import (ACTIVATION, CONSTANT, MASK, _PlanGraph, bias_sources, drop_model_outputs,
-                                   fold_batch_norms, match_supergroups, place_sites, share_encodings, value_origins)
+                                   fold_batch_norms, make_plan, match_supergroups, place_sites, share_encodings,
+                                   value_origins)
 from qat_plugin.graph.trace import capture, propagate_shapes
 
 
@@ -133,3 +136,58 @@ def test_passes_are_pure():
     place_sites(g, cfg, folds, match_supergroups(g, cfg, folds)[0], value_origins(g), param_bw=8, output_bw=8)
     assert [(n.name, n.op, str(n.target)) for n in g.nodes] == before
     assert isinstance(fx.GraphModule, type)
+
+
+class Scores(nn.Module):
+    """Attention scores ``x x^T * 0.125`` (+ a constant bias) into a Softmax, with different tails."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant, self.bias = variant, nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        s = (x @ x.transpose(-1, -2)) * 0.125
+        if self.variant == "softmax":
+            return torch.softmax(s + self.bias, -1)
+        if self.variant == "reshape":
+            return torch.softmax((s + self.bias).reshape(2, 16), -1)
+        if self.variant == "also an output":
+            return torch.softmax(s + self.bias, -1), s
+        if self.variant == "softmax, then relu":
+            t = s + self.bias
+            return torch.softmax(t, -1) + torch.relu(t)
+        return torch.softmax(torch.relu(s), -1)
+
+
+@pytest.mark.parametrize("variant, quantized", [
+    ("softmax", {"x", "matmul", "softmax"}),  # the scale and the bias add go to Softmax in float
+    ("reshape", {"x", "matmul", "softmax"}),  # through a reshape too
+    ("also an output", {"x", "matmul", "mul", "softmax"}),  # the scaled scores are a model output
+    ("softmax, then relu", {"x", "matmul", "mul", "add", "softmax", "relu", "add_1"}),  # a user that is no Softmax
+    ("relu", {"x", "matmul", "mul", "relu", "softmax"}),  # a value-changing op between scale and Softmax
+])
+def test_scores_reach_softmax_in_float_only_when_softmax_is_all_they_feed(variant, quantized):
+    gm = capture(Scores(variant).eval())
+    propagate_shapes(gm, (torch.randn(2, 4, 3),))
+    plan = make_plan(gm, load_config("default"))
+    assert {n for s in plan.sites for n in s.nodes} == quantized
+
+
+class NestedFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sub = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return F.linear(x, self.sub.weight, self.sub.bias)
+
+
+def test_functional_weight_of_a_submodule_is_a_per_channel_param_site():
+    gm = capture(NestedFunctional().eval())
+    propagate_shapes(gm, (torch.randn(2, 4),))
+    plan = make_plan(gm, load_config("default"))
+    (w,) = plan.by_kind("param")
+    assert (w.key, w.nodes, w.where, w.axis, w.channels, w.module) == ("sub_weight_param", ("sub_weight",), "sub.weight",
+                                                                      0, 3, None)
+    assert [s.key for s in plan.by_kind("input")] == ["x_input"] and [s.key for s in plan.by_kind("output")] == \
+        ["linear_output"]
