@@ -231,6 +231,102 @@ class QuantSimModel:
             dataclasses.replace(s, bitwidth=bitwidths[s.key]) if s.key in changed else s for s in self.plan.sites))
         return changed
 
+    def split_site(self, key: str, consumers: Sequence[str], *, output_bw: Optional[int] = None) -> str:
+        """Give some consumers of an activation site's value their own quantizer; returns its key.
+
+        One tensor may feed ops that want different grids. In a post-LayerNorm transformer
+        (BERT) a LayerNorm output feeds the next Linear layers, which need 8 bits for integer
+        kernels, and the residual sum, which loses accuracy at 8 bits: splitting gives the sum a
+        16-bit copy while the Linear layers keep theirs (see
+        :func:`qat_plugin.outliers.set_residual_stream_precision`). The export writes one
+        QuantizeLinear/DequantizeLinear pair per quantizer on the same tensor.
+
+        ``consumers`` are graph node names (``node.name`` in ``sim.model.graph``) among the users
+        of the site's value; they move to the new quantizer, of ``output_bw`` bits (default: the
+        site's), with the site's symmetry, learnability and enabled flag and no encoding yet (run
+        ``compute_encodings``). An int32 bias of a moved consumer follows it. Errors
+        (:class:`QuantConfigError`): a weight or shared site, a name that is not a user of the
+        value (the users are listed), or moving every user (use :meth:`set_precision`).
+
+        >>> import torch
+        >>> from torch import nn
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+        ...     def forward(self, x):
+        ...         y = self.norm(x)
+        ...         return self.fc(y) + y
+        >>> sim = QuantSimModel(Block(), torch.randn(2, 8))
+        >>> sim.split_site("norm_output", ["add"], output_bw=16)
+        'norm_output_to_add'
+        >>> [(s.key, s.bitwidth, s.consumers) for s in sim.quantizer_sites() if s.key.startswith("norm")]
+        [('norm_output', 8, ('fc',)), ('norm_output_to_add', 16, ('add',))]
+        """
+        site = self._site(key) if key in self._quantizers else None
+        if site is None:
+            raise QuantConfigError(f"unknown quantizer site '{key}'." + did_you_mean(key, self._quantizers))
+        if site.kind == "param" or len(site.nodes) != 1:
+            raise QuantConfigError(f"split_site: '{key}' is a {'weight' if site.kind == 'param' else 'shared'} site; "
+                                   "only an activation site on one value can be split")
+        if output_bw is not None:
+            check_exportable_bitwidth("output_bw", output_bw)
+        graph = self.model.graph
+        qnode = next(n for n in graph.nodes if n.op == "call_module" and n.target == f"quantizers.{key}")
+        users = [u.name for u in qnode.users]
+        consumers = list(dict.fromkeys(consumers))
+        strangers = [c for c in consumers if c not in users]
+        if strangers or not consumers:
+            raise QuantConfigError(f"split_site: {strangers or 'no consumers'} are not users of '{key}'; its users "
+                                   f"are {users}")
+        if len(consumers) == len(users):
+            raise QuantConfigError(f"split_site: that moves every user of '{key}'; use set_precision('{key}', "
+                                   "output_bw=...) instead")
+        new_key, i = f"{key}_to_{consumers[0]}", 0
+        while new_key in self._quantizers:
+            i += 1
+            new_key = f"{key}_to_{consumers[0]}_{i}"
+        old = self._quantizers[key]
+        bits = old.bitwidth if output_bw is None else output_bw
+        q = QuantizeDequantize(tuple(old.scale.shape), bits, old.symmetric, old.axis, old.learnable, name=new_key,
+                               per_sample=old.per_sample).to(old.scale.device)
+        q.enabled = old.enabled
+        q.train(old.training)
+        self.model.get_submodule("quantizers")[new_key] = q
+        with graph.inserting_after(qnode):
+            new_node = graph.call_module(f"quantizers.{new_key}", (qnode.args[0],))
+        for user in list(qnode.users):
+            if user.name in consumers:
+                user.replace_input_with(qnode, new_node)
+        graph.lint()
+        self.model.recompile()
+        moved = set(consumers)
+        passthrough = []
+        for node_name, k in self.plan.passthrough:  # encodings repeated after value-preserving consumers
+            node = next((n for n in graph.nodes if n.name == node_name), None)
+            if k == key and (node_name in moved or (node is not None and {a.name for a in node.all_input_nodes} & moved)):
+                moved.add(node_name)
+                k = new_key
+            passthrough.append((node_name, k))
+        called = {n.name: str(n.target) for n in graph.nodes if n.op == "call_module"}
+        layers = {called[c] for c in consumers if c in called}
+        sites = []
+        for s in self.plan.sites:
+            if s.key == key:
+                sites += [dataclasses.replace(s, consumers=tuple(u for u in users if u not in consumers)),
+                          dataclasses.replace(s, key=new_key, bitwidth=bits, consumers=tuple(consumers))]
+                continue
+            if s.module is not None and s.bias_from == key and s.module in layers:
+                self.model.get_submodule(s.module).set_bias_input_quantizer(q)
+                s = dataclasses.replace(s, bias_from=new_key)
+            sites.append(s)
+        self.plan = dataclasses.replace(self.plan, sites=tuple(sites), passthrough=tuple(passthrough))
+        self._quantizers = {k: (self._quantizers[k] if k != new_key else q) for k in (s.key for s in sites)}
+        if old.is_initialized():
+            warnings.warn(f"split_site after compute_encodings: '{new_key}' has no encoding yet; run "
+                          "compute_encodings again before using the sim", stacklevel=2)
+        return new_key
+
     def match_sites(self, target: str) -> list[QuantizerSite]:
         """The sites ``target`` names (see :meth:`set_precision`), in graph order; an error
         naming the closest site keys, module paths and op types if it matches nothing."""

@@ -226,7 +226,7 @@ def test_fold_zero_pads_keeps_the_conv_output(pads):
     """Given DQ -> Pad -> Conv (the export's pattern, asymmetric or not), when the pad is folded,
     then no Pad is left and ORT's output is unchanged bit for bit."""
     from onnx import TensorProto, helper, numpy_helper
-    from qat_plugin.export.onnx import fold_zero_pads
+    from qat_plugin.export.rewrite import fold_zero_pads
 
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("DequantizeLinear", ["xq", "s"], ["x"]), helper.make_node("Pad", ["x", "p"], ["xp"]),
