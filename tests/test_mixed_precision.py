@@ -582,3 +582,34 @@ def test_deepcopy_of_a_sim_is_independent_and_gives_identical_outputs():
     assert torch.equal(sim.model(X), before)
     assert (bits(sim)["fc.weight"], bits(twin)["fc.weight"]) == (4, 8)
     assert pickle.loads(pickle.dumps(sim.config)) == sim.config
+
+
+@pytest.mark.slow  # two spawned processes: ~10 s of CPU, 40 s wall on the loaded machine
+def test_ddp_search_every_rank_ends_with_the_same_bitwidths(tmp_path):
+    """Given 2 gloo ranks searching on different batches, with the default label-free score every
+    rank chooses what one process chooses on both ranks' batches together (scores and
+    calibration statistics are all-reduced) and holds identical encodings; with a score that
+    differs per rank, rank 1 warns and takes rank 0's bitwidths (and the encodings of a joint
+    re-calibration)."""
+    import subprocess
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    import ddp_mixed_precision_script as script
+    from qat_plugin.mixed_precision import MixedPrecisionConfig, search_on_batches
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, script.__file__, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = {p: [torch.load(tmp_path / f"{p}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+           for p in ("default", "disagree")}
+
+    one = script.sim()
+    search_on_batches(one, script.rank_inputs(0) + script.rank_inputs(1), MixedPrecisionConfig(**script.CONFIG),
+                      verbose=False)
+    d0, d1 = got["default"]
+    assert d0["bits"] == d1["bits"] == bits(one) and set(d0["bits"].values()) == {4, 8}
+    assert torch.equal(d0["probe"], d1["probe"]) and not d0["warned"] and not d1["warned"]
+    a0, a1 = got["disagree"]
+    assert a0["bits"] == a1["bits"] and torch.equal(a0["probe"], a1["probe"])
+    assert (a0["warned"], a1["warned"]) == (False, True)
