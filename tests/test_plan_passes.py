@@ -191,3 +191,71 @@ def test_functional_weight_of_a_submodule_is_a_per_channel_param_site():
                                                                       0, 3, None)
     assert [s.key for s in plan.by_kind("input")] == ["x_input"] and [s.key for s in plan.by_kind("output")] == \
         ["linear_output"]
+
+
+class PadThenConv(nn.Module):
+    def __init__(self, pad, conv=None, functional_conv=False):
+        super().__init__()
+        self.pad, self.conv, self.functional_conv = pad, conv or nn.Conv2d(3, 4, 3), functional_conv
+
+    def forward(self, x):
+        y = self.pad(x)
+        return F.conv2d(y, self.conv.weight, self.conv.bias) if self.functional_conv else self.conv(y)
+
+
+class _F(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+PADS = {
+    "ZeroPad2d, asymmetric": (PadThenConv(nn.ZeroPad2d((0, 1, 0, 1))), True),
+    "ConstantPad2d of 0": (PadThenConv(nn.ConstantPad2d(1, 0.0)), True),
+    "ConstantPad2d of 0.5": (PadThenConv(nn.ConstantPad2d(1, 0.5)), False),
+    "conv with reflect padding_mode": (PadThenConv(nn.ZeroPad2d(1), nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")), False),
+    "conv with padding='same'": (PadThenConv(nn.ZeroPad2d(1), nn.Conv2d(3, 4, 3, padding="same")), False),
+    "conv with padding='valid'": (PadThenConv(nn.ZeroPad2d(1), nn.Conv2d(3, 4, 3, padding="valid")), True),
+    "F.pad positional mode and value": (PadThenConv(_F(lambda x: F.pad(x, (1, 1, 1, 1), "constant", 0.0))), True),
+    "F.pad keywords, int 0": (PadThenConv(_F(lambda x: F.pad(x, pad=(1, 1, 1, 1), value=0))), True),
+    "F.pad of 0.5": (PadThenConv(_F(lambda x: F.pad(x, (1, 1, 1, 1), value=0.5))), False),
+    "F.pad replicate": (PadThenConv(_F(lambda x: F.pad(x, (1, 1, 1, 1), mode="replicate"))), False),
+    "F.pad with a zero channel pad": (PadThenConv(_F(lambda x: F.pad(x, (1, 1, 1, 1, 0, 0)))), True),
+}
+
+
+@pytest.mark.parametrize("case", list(PADS) + [pytest.param("functional conv", marks=pytest.mark.xfail(
+    strict=True, reason="fx capture stores qat_shape, not val/tensor_meta, on the weight: fold_zero_pads skips "
+                        "functional convs captured with torch.fx"))])
+def test_fold_zero_pads_on_module_and_functional_pads(case):
+    """Pass 4 on torch.fx captures: constant zero pads with static amounts on the spatial dims, owned by
+    a zero-padding conv, fold (no site and no passthrough after them); anything else stays."""
+    model, folded = PADS[case] if case in PADS else (PadThenConv(_F(lambda x: F.pad(x, (1, 1, 1, 1))),
+                                                                 functional_conv=True), True)
+    gm = capture(model.eval())
+    propagate_shapes(gm, (torch.randn(1, 3, 8, 8),))
+    plan = make_plan(gm, load_config("default"))
+    conv = "conv2d" if case == "functional conv" else "conv"
+    assert plan.pad_folds == ((("pad", conv),) if folded else ())
+    # a pad that stays is value-preserving: the input's encoding is repeated after it
+    assert plan.passthrough == (() if folded else (("pad", "x_input"),))
+    assert {s.key for s in plan.sites if s.kind != "param"} == {"x_input", f"{conv}_output"}
+
+
+@pytest.mark.parametrize("target, args, folded", [
+    ("constant_pad_nd", ([1, 1, 1, 1], 0.0), True), ("constant_pad_nd", ([0, 1, 0, 1], 0), True),
+    ("pad", ([1, 1, 1, 1], "constant", 0.5), False),
+    ("pad", ([1, 1, 1, 1], "constant", None), True), ("constant_pad_nd", ([1, -1, 1, 1],), False)])
+def test_fold_zero_pads_reads_explicit_aten_pad_values(target, args, folded):
+    """torch.export's pads with the value written out (0, 0.0, None fold; 0.5 and negative amounts do not)."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    pad = g.call_function(getattr(torch.ops.aten, target).default, (x,) + args)
+    g.output(g.call_module("conv", (pad,)))
+    gm = fx.GraphModule(nn.ModuleDict({"conv": nn.Conv2d(3, 4, 3, 2)}), g)
+    propagate_shapes(gm, (torch.randn(1, 3, 8, 8),))
+    plan = make_plan(gm, load_config("default"))
+    assert plan.pad_folds == (((pad.name, "conv"),) if folded else ())
