@@ -7,6 +7,8 @@ it holds after every run. ``python ddp_script.py OUT PART [PART ...]``; parts:
 * ``simulated``: ``bn_folding="simulated"`` with ``freeze_bn_step``, learned ranges (no SyncBatchNorm on CPU).
 * ``bf16``, ``fp16``: learned ranges under bf16-mixed, and fp16 with the CPU GradScaler plugin.
 * ``empty``: ``all_reduce_observer`` with a rank that saw no data.
+* ``ptq``: AdaRound + bias correction (``PTQConfig.apply``), each rank on its own data (after a
+  fit part, which starts the process group).
 
 Rank r trains on its own contiguous shard (``use_distributed_sampler=False``), so that the
 single-process reference in test_ddp.py can be built from the same batches.
@@ -29,7 +31,7 @@ from qat_plugin.precision import fp16_mixed_precision  # noqa: E402
 BATCH, BATCHES, EPOCHS = 16, 4, 3  # per rank: 4 batches of 16 per epoch, 12 steps
 QAT = dict(quant_scheme="tf", calibration_batches=2, learn_ranges=True,
            annealing=dict(start_step=0, end_step=6, every_n_steps=2, stat_batches=2, alpha0=0.5))
-PARTS = ("learned", "resumed", "fixed", "simulated", "bf16", "fp16", "empty")
+PARTS = ("learned", "resumed", "fixed", "simulated", "bf16", "fp16", "empty", "ptq")
 
 
 def run_config(part):
@@ -118,6 +120,30 @@ def empty_rank(out, rank):
     torch.save(got, os.path.join(out, f"empty_rank{rank}.pt"))
 
 
+def ptq_rank(out, rank):
+    """The PTQ steps with different data on each rank: every rank must end with the same learned
+    integers, corrected biases and encodings."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from qat_plugin import QuantSimModel
+    from qat_plugin.ptq import PTQConfig
+
+    assert dist.is_initialized() and dist.get_world_size() == 2
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+    data = [torch.randn(8, 3, 1, 1, generator=g) + 0.3 * torch.randn(8, 3, 6, 6, generator=g) for _ in range(2)]
+    sim = QuantSimModel(model, data[0], default_param_bw=4, quant_scheme="tf")
+    sim.compute_encodings(lambda m, _: [m(x) for x in data])
+    report = PTQConfig(adaround={"num_iterations": 30, "progress": False},
+                       bias_correction={"progress": False}).apply(sim, data)
+    torch.save({"state": sim.model.state_dict(), "encodings": encodings(sim), "bias": report["bias_correction"],
+                "adaround": [(l.name, l.mse_adaround) for l in report["adaround"].layers]},
+               os.path.join(out, f"ptq_rank{rank}.pt"))
+
+
 def main(out, parts):
     warnings.filterwarnings("ignore")
     unknown = set(parts) - set(PARTS)
@@ -127,6 +153,8 @@ def main(out, parts):
     for part in parts:
         if part == "empty":
             empty_rank(out, rank)
+        elif part == "ptq":
+            ptq_rank(out, rank)
         elif part == "resumed":
             fit(part, out, rank, ckpt_path=os.path.join(out, "ckpt", f"step={BATCHES}.ckpt"))
         else:

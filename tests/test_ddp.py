@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 
 import ddp_script
-from lightning_helpers import DigitsModule, concatenated_loader
+from lightning_helpers import DigitsModule, concatenated_loader, same_encodings
 from qat_plugin.callbacks import QuantizationAwareTraining
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -99,7 +99,7 @@ def test_ddp_learned_ranges_resume_and_empty_rank(tmp_path):
     after which plain DDP used to fail with "parameters that were not used in producing the loss"),
     when 2 ranks fit, are stopped at step 4 and resumed, then every rank ends identical, the resumed
     run equals the uninterrupted one bit for bit, and both equal the single-process references."""
-    runs = _launch(tmp_path, ["learned", "resumed", "empty"])
+    runs = _launch(tmp_path, ["learned", "resumed", "empty", "ptq"])
     for part in ("learned", "resumed"):
         r0, r1 = runs[part]
         _assert_ranks_identical(r0, r1)
@@ -121,6 +121,9 @@ def test_ddp_learned_ranges_resume_and_empty_rank(tmp_path):
         assert e["MinMaxObserver"]["min"].tolist() == [-1.0] and e["MinMaxObserver"]["max"].tolist() == [3.0]
         assert e["HistogramObserver"]["counts"].sum() == 3 and not e["none_has_data"]
     assert torch.equal(e0["HistogramObserver"]["counts"], e1["HistogramObserver"]["counts"])
+    p0, p1 = runs["ptq"]  # PTQ steps on different data per rank: rank 0's integers, all ranks' bias shifts
+    assert _max_diff(p0["state"], p1["state"]) == 0.0 and same_encodings(p0["encodings"], p1["encodings"])
+    assert p0["bias"] == p1["bias"] and p0["adaround"] == p1["adaround"] and len(p0["adaround"]) == 3
 
 
 @pytest.mark.slow

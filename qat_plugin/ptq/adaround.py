@@ -47,8 +47,8 @@ from torch import nn
 from ..encoding import num_steps
 from ..errors import QuantConfigError, did_you_mean
 from ..modules import QuantizedConv2d, QuantizedLinear
-from ._common import (check_calibrated, device_of, eval_mode, float_mode, recompute_activation_encodings, run,
-                      take_batches, weighted_layers)
+from ._common import (check_calibrated, device_of, distributed, eval_mode, float_mode, recompute_activation_encodings,
+                      run, take_batches, weighted_layers)
 
 ZETA, GAMMA = 1.1, -0.1
 DEFAULT_ITERATIONS = 200
@@ -368,6 +368,11 @@ def apply_adaround(sim, data: Iterable[Any], num_batches: Optional[int] = None, 
             W4A8: 90.8% vs 95.3%, FP32 95.3%).
         progress: show tqdm bars.
 
+    Under DDP (``torch.distributed`` initialized, more than one rank) every rank calls this with
+    its own data: rank 0 learns the roundings on its data while the others wait, the rounded
+    weights and the report are broadcast, and all ranks then re-calibrate the activations
+    together, so that every rank holds the same integers and encodings.
+
     Returns:
         :class:`AdaroundReport` with each layer's reconstruction MSE, nearest vs learned.
 
@@ -416,6 +421,11 @@ def apply_adaround(sim, data: Iterable[Any], num_batches: Optional[int] = None, 
         used += need
     if current:
         groups.append(current)
+    dist = distributed()
+    lead = dist is None or dist.get_rank() == 0
+    learn = todo if lead else []  # under DDP rank 0 learns and broadcasts (the other ranks wait)
+    if not lead:
+        groups = []
     originals: dict[str, torch.Tensor] = {}  # for undoing on an error
     done: list[str] = []
     results: dict[str, AdaroundLayer] = {}
@@ -449,18 +459,18 @@ def apply_adaround(sim, data: Iterable[Any], num_batches: Optional[int] = None, 
         bar.update(1)
 
     try:
-        joined = _join(batches) if target == "fp32_outputs" and todo else None
+        joined = _join(batches) if target == "fp32_outputs" and learn else None
         if joined is not None:  # one FP32 pass, then one simulation pass with every layer rounded in order
             index = {item[1]: i for i, item in enumerate(todo)}
-            fp32_caches.update({name: _Cache(layer, index[name], rows) for _, name, layer in todo})
+            fp32_caches.update({name: _Cache(layer, index[name], rows) for _, name, layer in learn})
             _fill(sim, list(fp32_caches.values()), joined, device, "AdaRound: FP32 layer outputs", progress, fp32=True)
-            _one_pass(sim, todo, joined[0], device, rows, optimize, progress)
+            _one_pass(sim, learn, joined[0], device, rows, optimize, progress)
         else:
             if target == "fp32_outputs":  # batches of different shapes: one (partial) pass per layer
                 groups = [[item] for item in todo]
                 index = {item[1]: i for i, item in enumerate(todo)}
-                fp32_caches.update({name: _Cache(layer, index[name], per_batch) for _, name, layer in todo})
-                if todo:
+                fp32_caches.update({name: _Cache(layer, index[name], per_batch) for _, name, layer in learn})
+                if learn:
                     _fill(sim, list(fp32_caches.values()), batches, device, "AdaRound: FP32 layer outputs", progress,
                           fp32=True)
             for gi, group in enumerate(groups):
@@ -476,6 +486,14 @@ def apply_adaround(sim, data: Iterable[Any], num_batches: Optional[int] = None, 
         raise
     finally:
         bar.close()
+    if dist is not None:  # every rank ends with rank 0's integers (then calibrates with them)
+        with torch.no_grad():
+            for _, _, layer in todo:
+                dist.broadcast(layer.weight.data, src=0)
+        box = [results]
+        dist.broadcast_object_list(box, src=0)
+        results = box[0]
+        done = [key for key, name, _ in todo if name in results]
     recompute_activation_encodings(sim, batches, keep=done)
     for _, name, _ in layers:
         report.layers.append(results.get(name) or AdaroundLayer(name, 0, 0, float("nan"), float("nan"), 0.0,

@@ -15,13 +15,17 @@ import torch
 from torch import nn
 
 from ..modules import QuantizedLinear
-from ._common import check_calibrated, device_of, eval_mode, run, take_batches, weighted_layers
+from ._common import check_calibrated, device_of, distributed, eval_mode, run, take_batches, weighted_layers
 
 
 def _channel_sum(layer: nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, int]:
     axis = y.dim() - 1 if isinstance(layer, QuantizedLinear) else 1
     flat = y.detach().movedim(axis, 0).reshape(y.shape[axis], -1).double()
     return flat.sum(1), flat.shape[1]
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, QuantizedLinear) else layer.out_channels
 
 
 def correct_bias(sim, data: Iterable[Any], num_batches: Optional[int] = None, *,
@@ -34,6 +38,9 @@ def correct_bias(sim, data: Iterable[Any], num_batches: Optional[int] = None, *,
         data: an iterable of model inputs (tensors or tuples of tensors).
         num_batches: use the first ``num_batches`` items of ``data`` (default: all).
         progress: show a tqdm bar.
+
+    Under DDP every rank passes its own data; the shifts are averaged over all ranks' data
+    (all-reduced), so every rank adds the same correction.
 
     Returns:
         module name -> the largest ``|E[y_float_weights - y_quantized_weights]|`` over channels.
@@ -85,6 +92,18 @@ def correct_bias(sim, data: Iterable[Any], num_batches: Optional[int] = None, *,
     finally:
         for h in handles:
             h.remove()
+    dist = distributed()
+    if dist is not None:  # the mean over every rank's data, the same shift on every rank
+        for _, name, layer in layers:
+            total = sums.get(name)
+            if total is None:
+                total = torch.zeros(_out_channels(layer), dtype=torch.float64, device=device)
+            total = total.to(torch.float64).clone()
+            n = torch.tensor([float(counts.get(name, 0))], dtype=torch.float64, device=total.device)
+            dist.all_reduce(total)
+            dist.all_reduce(n)
+            if float(n) > 0:
+                sums[name], counts[name] = total, float(n)
     out: dict[str, float] = {}
     for _, name, layer in layers:
         if name not in sums:
