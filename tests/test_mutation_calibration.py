@@ -13,7 +13,7 @@ from qat_plugin.calibration import (PARAM_QUANT_SCHEMES, QUANT_SCHEMES, Histogra
                                     check_quant_scheme, encoding_from_observer, make_observer, param_scheme_for,
                                     percentile_range, sqnr_search)
 from qat_plugin.calibration import observers
-from qat_plugin.calibration.observers import Histogram, all_reduce_observer
+from qat_plugin.calibration.observers import Histogram, all_reduce_observer, rebin
 from qat_plugin.calibration.range_setting import encoding_sqnr, sqnr_candidates
 from qat_plugin.encoding import Encoding
 from qat_plugin.errors import CalibrationError, QuantConfigError
@@ -53,6 +53,7 @@ def test_make_observer(scheme, axis, kind, bins):
 
 
 def test_make_observer_rejects_unknown_scheme():
+    assert make_observer("tf").name == make_observer("percentile").name == ""
     with pytest.raises(QuantConfigError, match="Did you mean 'percentile'"):
         make_observer("percentil")
 
@@ -160,6 +161,27 @@ def test_percentile_bounds():
     for bad in (50.0, 100.5, 10.0):
         with pytest.raises(ValueError, match=r"percentile must be in \(50, 100\], got"):
             percentile_range(obs.hist, bad)
+
+
+def test_percentile_interpolates_linearly_inside_a_bin():
+    """Counts [2, 4, 2, 0] over [0, 4]: the CDF at the edges is [0, .25, .75, 1, 1]; by hand,
+    p = 0.9 lies 0.6 of the way into bin 2, p = 0.1 0.4 of the way into bin 0, p = 0.495 at 1.49."""
+    h = Histogram(torch.tensor([[2.0, 4.0, 2.0, 0.0]], dtype=torch.float64),
+                  torch.tensor([0.0], dtype=torch.float64), torch.tensor([4.0], dtype=torch.float64))
+    lo, hi = percentile_range(h, 90.0)
+    assert float(lo) == pytest.approx(0.4, rel=1e-12) and float(hi) == pytest.approx(2.6, rel=1e-12)
+    lo, hi = percentile_range(h, 50.5)  # just above the lower bound of (50, 100]
+    assert float(lo) == pytest.approx(1.49, rel=1e-12) and float(hi) == pytest.approx(1.51, rel=1e-12)
+
+
+def test_rebin_spreads_mass_uniformly_inside_old_bins():
+    h = Histogram(torch.tensor([[2.0, 4.0, 2.0, 0.0]], dtype=torch.float64),
+                  torch.tensor([0.0], dtype=torch.float64), torch.tensor([4.0], dtype=torch.float64))
+    r = rebin(h, torch.tensor([0.0], dtype=torch.float64), torch.tensor([6.0], dtype=torch.float64))
+    # new edges 0, 1.5, 3, 4.5, 6: [0, 1.5] holds bin 0 and half of bin 1, [1.5, 3] the rest
+    assert r.counts.tolist() == [[4.0, 4.0, 0.0, 0.0]]
+    r = rebin(h, torch.tensor([-1.0], dtype=torch.float64), torch.tensor([5.0], dtype=torch.float64))
+    assert r.counts[0].tolist() == pytest.approx([1.0, 5.0, 2.0, 0.0], abs=1e-12)  # edges -1, 0.5, 2, 3.5, 5
 
 
 def test_percentile_per_channel_matches_numpy():
