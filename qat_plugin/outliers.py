@@ -83,7 +83,10 @@ def set_residual_stream_precision(sim, output_bw: int = 16) -> list[str]:
         qnode = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == f"quantizers.{site.key}"), None)
         if qnode is None:
             continue
-        into_sums = [u.name for u in qnode.users if op_type_of(u, modules) == "Add" and u.name in sums]
-        if into_sums and len(into_sums) < len(qnode.users):
+        fan_out = list(qnode.users)
+        while len(fan_out) == 1 and op_type_of(fan_out[0], modules) in ("Dropout", "Identity"):
+            fan_out = list(fan_out[0].users)  # split_site moves the quantizer past them
+        into_sums = [u.name for u in fan_out if op_type_of(u, modules) == "Add" and u.name in sums]
+        if into_sums and len(into_sums) < len(fan_out):
             keys.append(sim.split_site(site.key, into_sums, output_bw=output_bw))
     return keys

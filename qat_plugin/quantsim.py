@@ -25,7 +25,7 @@ from .config import RuntimeConfig, check_exportable_bitwidth, load_config
 from .encoding import Encoding
 from .errors import QuantConfigError, did_you_mean
 from .graph.apply import apply_plan, check_bn_folding
-from .graph.patterns import OP_TYPES
+from .graph.patterns import OP_TYPES, op_type_of
 from .graph.plan import QuantizerSite, QuantPlan, make_plan
 from .graph.trace import LeafSpec, capture, leaf_names_of, propagate_shapes
 from .quantizer import QuantizeDequantize
@@ -273,8 +273,9 @@ class QuantSimModel:
             check_exportable_bitwidth("output_bw", output_bw)
         graph = self.model.graph
         qnode = next(n for n in graph.nodes if n.op == "call_module" and n.target == f"quantizers.{key}")
-        users = [u.name for u in qnode.users]
         consumers = list(dict.fromkeys(consumers))
+        hoisted = self._hoist_past_identities(qnode, consumers)
+        users = [u.name for u in qnode.users]
         strangers = [c for c in consumers if c not in users]
         if strangers or not consumers:
             raise QuantConfigError(f"split_site: {strangers or 'no consumers'} are not users of '{key}'; its users "
@@ -303,6 +304,8 @@ class QuantSimModel:
         moved = set(consumers)
         passthrough = []
         for node_name, k in self.plan.passthrough:  # encodings repeated after value-preserving consumers
+            if node_name in hoisted:  # now before the quantizer: nothing to repeat
+                continue
             node = next((n for n in graph.nodes if n.name == node_name), None)
             if k == key and (node_name in moved or (node is not None and {a.name for a in node.all_input_nodes} & moved)):
                 moved.add(node_name)
@@ -326,6 +329,28 @@ class QuantSimModel:
             warnings.warn(f"split_site after compute_encodings: '{new_key}' has no encoding yet; run "
                           "compute_encodings again before using the sim", stacklevel=2)
         return new_key
+
+    def _hoist_past_identities(self, qnode, consumers: Sequence[str]) -> set[str]:
+        """When ``consumers`` read the quantized value through Dropout / Identity (BERT's
+        embeddings: LayerNorm -> quantizer -> Dropout -> {Linear layers, residual sum}), move the
+        quantizer after them so that the fan-out is its own; returns the names of the moved-past
+        nodes. Those ops pass values through at inference (the export drops them); in training,
+        the quantizer then sees dropout's scaled values, and both branches share one mask."""
+        modules = dict(self.model.named_modules())
+        hoisted: set[str] = set()
+        while True:
+            users = list(qnode.users)
+            if all(c in {u.name for u in users} for c in consumers) or len(users) != 1:
+                return hoisted
+            op = users[0]
+            if op_type_of(op, modules) not in ("Dropout", "Identity") or op.args[:1] != (qnode,):
+                return hoisted
+            op.replace_input_with(qnode, qnode.args[0])
+            for u in list(op.users):
+                u.replace_input_with(op, qnode)
+            qnode.args = (op,)
+            op.append(qnode)
+            hoisted.add(op.name)
 
     def match_sites(self, target: str) -> list[QuantizerSite]:
         """The sites ``target`` names (see :meth:`set_precision`), in graph order; an error

@@ -87,6 +87,38 @@ def test_split_site_export_runs_in_ort_equal_to_the_sim_with_both_grids(split_si
     assert sorted(e[0]["bitwidth"] for name, e in acts.items() if res.tensor_sites[name] in ("norm_output", new)) == [8, 16]
 
 
+class DropoutBlock(PostNormBlock):
+    """BERT's embeddings: the LayerNorm output passes a Dropout before it fans out."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        y = self.drop(self.norm(x))
+        return self.norm2(self.fc(y) + y)
+
+
+def test_split_site_moves_the_quantizer_past_dropout_to_reach_the_fan_out():
+    sim = QuantSimModel(DropoutBlock().eval(), data(0, 2), quant_scheme="tf")
+    new = sim.split_site("norm_output", ["add"], output_bw=16)
+    nodes = {n.name: n for n in sim.model.graph.nodes}
+    assert nodes["drop"].args[0].name == "norm"  # the dropout reads the float LayerNorm output...
+    assert nodes["fc"].args[0].target == "quantizers.norm_output"  # ...and both grids read the dropout
+    assert nodes["fc"].args[0].args[0].name == "drop" and nodes["add"].args[1].args[0].name == "drop"
+    calibrate(sim, data(1), data(2))
+    plain = QuantSimModel(PostNormBlock(), data(0, 2), quant_scheme="tf")
+    plain.split_site("norm_output", ["add"], output_bw=16)
+    calibrate(plain, data(1), data(2))
+    with torch.no_grad():  # in eval the dropout is the identity: the same model as without it
+        assert torch.equal(sim.model.eval()(data(5)), plain.model(data(5)))
+        sim.model.train()
+        torch.manual_seed(0)
+        a = sim.model(data(5))
+        assert not torch.equal(a, plain.model(data(5)))  # dropout acts in training
+    assert new in sim.quantizers()
+
+
 def test_split_site_errors_name_the_way_out():
     sim = QuantSimModel(PostNormBlock(), data(0, 2))
     with pytest.raises(QuantConfigError, match="users are"):
@@ -121,3 +153,29 @@ def test_residual_stream_precision_splits_the_layernorm_outputs_of_a_post_norm_m
     with torch.no_grad():
         unsplit_err = float((unsplit.model(data(5)) - ref).pow(2).mean())
     assert split_err < 0.45 * unsplit_err  # measured 0.37x: the 8-bit LN output no longer reaches the sum
+
+
+def test_residual_stream_precision_on_bert_splits_each_layernorm_feeding_a_sum_and_exports_integer(tmp_path):
+    """A 2-layer BERT (torch.export capture): the embeddings LayerNorm and the attention and
+    output LayerNorms feeding a later sum are split (4); the last one feeds only the pooler and
+    the output. ORT runs every Linear and attention matmul as an integer kernel, equal to the sim."""
+    pytest.importorskip("transformers")
+    from test_transformer import token_batch, tiny_bert
+    from qat_plugin.export.verify import optimized_graph_stats
+
+    sim = QuantSimModel(tiny_bert(dropout=0.0), token_batch(2, 16, 0), quant_scheme="tf")
+    keys = set_residual_stream_precision(sim)
+    split = sorted(k for k in keys if "_to_" in k)
+    assert [k.split("_to_")[0] for k in split] == [
+        "embeddings_layer_norm_output", "encoder_layer_0_attention_output_layer_norm_output",
+        "encoder_layer_0_output_layer_norm_output", "encoder_layer_1_attention_output_layer_norm_output"]
+    calibrate(sim, *[token_batch(8, 16, s) for s in range(1, 4)])
+    res = sim.export(tmp_path, "bert", token_batch(2, 16, 0))
+    counts, float_ops, _ = optimized_graph_stats(res.onnx_path)
+    assert float_ops == 0, counts
+    sess = session(res.onnx_path)
+    ids, mask = token_batch(4, 16, 21)
+    out = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], (ids.numpy(), mask.numpy()))))[0]
+    with torch.no_grad():
+        ref = sim.model(ids, mask).last_hidden_state.numpy()
+    assert np.abs(out - ref).max() <= 1e-5
