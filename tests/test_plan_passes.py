@@ -191,6 +191,9 @@ def test_functional_weight_of_a_submodule_is_a_per_channel_param_site():
                                                                       0, 3, None)
     assert [s.key for s in plan.by_kind("input")] == ["x_input"] and [s.key for s in plan.by_kind("output")] == \
         ["linear_output"]
+    assert {s.bitwidth for s in plan.sites} == {8}  # make_plan's defaults: W8A8
+    mixed = make_plan(gm, load_config("default"), param_bw=4, output_bw=16)
+    assert {s.key: s.bitwidth for s in mixed.sites} == {"x_input": 16, "sub_weight_param": 4, "linear_output": 16}
 
 
 class PadThenConv(nn.Module):
