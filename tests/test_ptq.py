@@ -319,3 +319,27 @@ def test_new_recipes_parse(recipe):
         assert qat.ptq.cle and qat.ptq.adaround == {"num_iterations": 200}
     else:
         assert cli.model.hparams.distillation == {"temperature": 4.0} and cli.datamodule.labels is False
+
+
+class _TokenNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc = nn.Embedding(50, 16), nn.Linear(16, 8)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+def test_ptq_tools_leave_embedding_tables_alone():
+    """A token model (Embedding -> Linear): bias correction and AdaRound treat the Linear only;
+    the table keeps its nearest-rounded integers (it has no bias: correcting one used to fail)."""
+    ids = [torch.randint(0, 50, (8, 6), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    sim = QuantSimModel(_TokenNet(), ids[0], default_param_bw=4)
+    sim.compute_encodings(lambda m, _: [m(x) for x in ids])
+    table = sim.model.emb.weight.detach().clone()
+    shifts = correct_bias(sim, ids, progress=False)
+    assert sorted(shifts) == ["fc"]
+    report = apply_adaround(sim, ids, num_iterations=20, progress=False)
+    assert [r.name for r in report.layers] == ["fc"]
+    assert torch.equal(sim.model.emb.weight, table)

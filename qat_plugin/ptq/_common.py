@@ -63,6 +63,9 @@ def check_calibrated(sim, tool: str) -> None:
 def weighted_layers(sim) -> list[tuple[str, str, nn.Module]]:
     """``(site key, module name, quantized layer)`` of every enabled weight quantizer, in graph order.
 
+    Embedding tables are left out: a lookup returns table rows, which nearest rounding already
+    reproduces best, and it has no bias to correct.
+
     Layers that absorbed a BatchNorm (``bn_folding="simulated"``) are refused: their weight is
     re-folded on every forward, so rounded weights or corrected biases would not stay exact.
     """
@@ -71,7 +74,7 @@ def weighted_layers(sim) -> list[tuple[str, str, nn.Module]]:
         if site.kind != "param" or site.module is None:
             continue
         layer = sim.model.get_submodule(site.module)
-        if not layer.param_quantizers["weight"].enabled:
+        if not layer.param_quantizers["weight"].enabled or isinstance(layer, nn.Embedding):
             continue
         if getattr(layer, "bn", None) is not None:
             raise QuantConfigError(f"post-training tools need BatchNorm folded into the weights; layer "
