@@ -265,3 +265,55 @@ def test_fold_zero_pads_reads_explicit_aten_pad_values(target, args, folded):
     propagate_shapes(gm, (torch.randn(1, 3, 8, 8),))
     plan = make_plan(gm, load_config("default"))
     assert plan.pad_folds == (((pad.name, "conv"),) if folded else ())
+
+
+class ThreePads(nn.Module):
+    """A pad feeding a ReLU, a pad before a reflect-padded conv, then a pad owned by a plain conv:
+    only the last folds (the pass goes on past the pads it leaves)."""
+
+    def __init__(self):
+        super().__init__()
+        self.p1, self.p2, self.p3 = nn.ZeroPad2d(1), nn.ZeroPad2d(1), nn.ZeroPad2d(1)
+        self.reflect = nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(self.p3(self.reflect(self.p2(torch.relu(self.p1(x))))))
+
+
+def test_fold_zero_pads_goes_on_past_pads_it_leaves():
+    gm = capture(ThreePads().eval())
+    propagate_shapes(gm, (torch.randn(1, 3, 8, 8),))
+    plan = make_plan(gm, load_config("default"))
+    assert plan.pad_folds == (("p3", "conv"),)
+
+
+def test_make_plan_records_groups_and_folds():
+    gm = capture(ConvBnRelu().eval())
+    propagate_shapes(gm, (torch.randn(1, 3, 8, 8),))
+    plan = make_plan(gm, load_config("default"))
+    assert plan.groups == (("conv", "bn", "relu"),) and plan.bn_folds == (("conv", "bn"),)
+
+
+@pytest.mark.parametrize("conv_args, meta, folded", [
+    ((), True, True), (("b", [2, 2]), True, True), (("b", [1, 1], [0, 0]), True, True),
+    (("b", [1, 1], [0, 0]), False, False)])
+def test_fold_zero_pads_into_a_functional_aten_conv(conv_args, meta, folded):
+    """torch.export's ``aten.conv2d(input, weight, bias?, stride?, padding?)`` with a parameter weight:
+    the pad folds when the weight's value (``meta['val']``, as torch.export records it) gives the
+    spatial rank; without it the pass leaves the pad."""
+    root = nn.Module()
+    root.w, root.b = nn.Parameter(torch.randn(4, 3, 3, 3)), nn.Parameter(torch.randn(4))
+    g = fx.Graph()
+    x = g.placeholder("x")
+    pad = g.call_function(torch.ops.aten.constant_pad_nd.default, (x, [1, 1, 1, 1]))
+    w = g.get_attr("w")
+    rest = tuple(g.get_attr("b") if a == "b" else a for a in conv_args)
+    conv = g.call_function(torch.ops.aten.conv2d.default, (pad, w) + rest)
+    g.output(conv)
+    gm = fx.GraphModule(root, g)
+    propagate_shapes(gm, (torch.randn(1, 3, 8, 8),))
+    if meta:
+        w.meta["val"] = root.w.detach()
+    plan = make_plan(gm, load_config("default"))
+    assert plan.pad_folds == (((pad.name, conv.name),) if folded else ())
