@@ -41,3 +41,11 @@ def test_ptq_toolbox(tmp_path):
     # CLE keeps the FP32 function (resnet18 has no ReLU6): at most one of 359 images may flip on float error
     assert abs(results["FP32 after CLE"] - results["FP32"]) < 0.3
     assert os.path.exists(tmp_path / "model.onnx") and os.path.exists(tmp_path / "model.encodings")
+
+
+def test_transformer_encoder(tmp_path):
+    pytest.importorskip("transformers")
+    results = load("transformer_encoder").main(["--layers", "1", "--out", str(tmp_path)])
+    assert results["cosine"] >= 0.999  # measured 1.0000 (random-init BERT; pretrained MiniLM: 0.992)
+    report = results["report"]
+    assert report.float_compute_ops == 0 and report.within_floor, str(report)
