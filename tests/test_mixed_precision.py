@@ -518,6 +518,24 @@ def test_callback_searches_before_the_optimizer_and_the_checkpoint_keeps_the_bit
         assert torch.equal(module2.net.eval()(xv), module.net.eval()(xv))
 
 
+def test_output_agreement_score_is_minus_100_kl_against_a_float64_reference():
+    """-100 x KL(FP32 || sim) per row, averaged over all rows of all batches (batches of
+    different sizes weigh by their rows), from float64 softmaxes of the two networks' logits."""
+    from qat_plugin.mixed_precision import output_agreement_score
+    sim = make(default_param_bw=4)
+    sim.compute_encodings(forward)
+    batches = [X[:5], X[5:16]]
+    score = output_agreement_score(sim, batches)
+    with torch.no_grad():
+        q = torch.cat([sim.model(b) for b in batches]).double()
+        with quantize_only(sim, ()):
+            p = torch.cat([sim.model(b) for b in batches]).double()
+    lp, lq = p.log_softmax(1), q.log_softmax(1)
+    want = -100.0 * float((lp.exp() * (lp - lq)).sum(1).mean())
+    assert want < -1e-3  # W4 moves the outputs
+    assert score(sim.model) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
 def test_mixed_precision_config_errors_say_what_to_do():
     from qat_plugin.callbacks import QuantizationAwareTraining
     from qat_plugin.mixed_precision import MixedPrecisionConfig
@@ -544,7 +562,7 @@ def test_mixed_search_recipe_runs_fp32_search_qat_export_in_one_command(tmp_path
     from qat_plugin.cli import main
 
     recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "mobilenet_v2_mixed_search.yaml")
-    main(["fit", "--config", recipe, "--trainer.max_epochs", "1", "--model.init_args.fp32_warmup_epochs", "2",
+    main(["fit", "--config", recipe, "--trainer.max_epochs", "1", "--model.init_args.fp32_warmup_epochs", "4",
           "--trainer.default_root_dir", str(tmp_path), "--report_dir", str(tmp_path / "export"),
           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"])
     out = capsys.readouterr().out
