@@ -555,9 +555,9 @@ def test_mixed_precision_config_errors_say_what_to_do():
 
 @pytest.mark.slow
 def test_mixed_search_recipe_runs_fp32_search_qat_export_in_one_command(tmp_path, capsys):
-    """recipes/mobilenet_v2_mixed_search.yaml, shortened (FP32 warm-up 2 epochs, QAT 1 epoch):
-    the search meets the size budget with a real W4/W8 mix, and the exported mixed file agrees
-    with the simulation in ONNX Runtime."""
+    """recipes/mobilenet_v2_mixed_search.yaml, shortened (FP32 warm-up 4 epochs, QAT 1 epoch):
+    the search meets the size budget with a real W4/W8 mix, QAT recovers accuracy, and the
+    exported mixed file agrees with the simulation in ONNX Runtime (~2-4 min on 1 thread)."""
     import re
     from qat_plugin.cli import main
 
@@ -571,9 +571,12 @@ def test_mixed_search_recipe_runs_fp32_search_qat_export_in_one_command(tmp_path
     assert data["chosen"]["relative_size"] <= 0.6 and set(data["bitwidths"].values()) == {4, 8}
     mix = json.load(open(tmp_path / "export" / "model.encodings"))["qat_plugin_bitwidths"]["param"]
     assert set(mix) == {"4", "8"}
-    agreement = float(re.search(r"top-1 agreement ([\d.]+)%", out).group(1))
-    qat, ort = (float(re.search(rf"{name}\s+([\d.]+)", out).group(1)) for name in ("QAT", r"ONNX Runtime \(exported file\)"))
-    assert agreement >= 99.0 and abs(qat - ort) <= 1.0
+    sqnr, agreement = map(float, re.search(r"SQNR ([\d.]+) dB, top-1 agreement ([\d.]+)%", out).groups())
+    fp32, qat, ort = (float(re.search(rf"\n{name}\s+([\d.]+)", out).group(1))
+                      for name in ("FP32", "QAT", r"ONNX Runtime \(exported file\)"))
+    # measured (1 thread, seed 0): FP32 87.74, QAT 91.36, ORT 91.64, 41.6 dB, 99.72% (one image of 359)
+    assert fp32 >= 87.0 and qat >= 91.0 and abs(qat - ort) <= 0.6
+    assert sqnr >= 40.0 and agreement >= 99.4
 
 
 # ---- copy.deepcopy(sim) -------------------------------------------------------------------------
