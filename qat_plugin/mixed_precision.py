@@ -765,7 +765,13 @@ def search_on_batches(sim, inputs: Sequence[Any], config: MixedPrecisionConfig, 
     are the default score's sums (identical scores), so every rank takes the same decisions.
     Then rank 0's chosen bitwidths are broadcast; if any rank holds others (a user ``score``
     that is not reduced), every rank takes rank 0's and they calibrate again together.
-    Only rank 0 writes ``results_dir``.
+    Only rank 0 writes ``results_dir``. A user ``score`` must not call collectives itself
+    (ranks may evaluate different configurations).
+
+    Example (what the callback does in ``setup``)::
+
+        batches = [x for x, _ in itertools.islice(train_loader, 8)]
+        result = search_on_batches(sim, batches, MixedPrecisionConfig(max_relative_size=0.6))
     """
     inputs = list(inputs)
 
