@@ -14,7 +14,8 @@ from qat_plugin.calibration import (PARAM_QUANT_SCHEMES, QUANT_SCHEMES, Histogra
                                     percentile_range, sqnr_search)
 from qat_plugin.calibration import observers
 from qat_plugin.calibration.observers import Histogram, all_reduce_observer, rebin
-from qat_plugin.calibration.range_setting import encoding_sqnr, sqnr_candidates
+from qat_plugin.calibration.range_setting import (SQNR_CLIP_WEIGHT, encoding_sqnr, expected_noise, grid_noise, grid_of,
+                                                   sqnr_candidates)
 from qat_plugin.encoding import Encoding
 from qat_plugin.errors import CalibrationError, QuantConfigError
 
@@ -227,6 +228,64 @@ def test_sqnr_candidates_follow_the_definition():
     for c in range(3):
         a = max(-m[c], M[c])
         assert shi[c].tolist() == [a * k / 128 for k in range(1, 129)] and torch.equal(slo[c], -shi[c])
+
+
+@pytest.mark.parametrize("bitwidth", [4, 8, 16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_grid_of_is_encodings_grid(symmetric, bitwidth):
+    """The search's vectorized grid equals Encoding.from_min_max (the owner of the grid math)
+    elementwise, degenerate ranges (the tiny floor scale) and |min| > max included."""
+    g = torch.Generator().manual_seed(3)
+    lo = torch.cat([-torch.rand(20, generator=g, dtype=torch.float64) * 5, torch.tensor([0.0, 0.0, -7.0, -1e-3])])
+    hi = torch.cat([torch.rand(20, generator=g, dtype=torch.float64) * 3, torch.tensor([0.0, 2.0, 0.0, 1e-3])])
+    scale, offset = grid_of(lo, hi, bitwidth, symmetric)
+    ref = Encoding.from_min_max(lo, hi, bitwidth, symmetric, axis=0)
+    assert torch.equal(scale, ref.scale) and torch.equal(offset, ref.offset)
+    assert float(scale[20]) == torch.finfo(torch.float32).tiny * 2**10
+
+
+def _loop_noise(hist, s, qlo, qhi, gamma):
+    noise = 0.0
+    total = float(hist.counts.sum())
+    for c, n in zip(hist.centers[0].tolist(), hist.counts[0].tolist()):
+        p = n / total
+        noise += p * s * s / 12 if qlo <= c <= qhi else p * gamma * (c - min(max(c, qlo), qhi)) ** 2
+    return noise
+
+
+def test_grid_noise_counts_centers_on_the_grid_ends_as_inside():
+    """Centers 0.5 .. 7.5; grid ends exactly on the centers 1.5 and 5.5: those bins are inside."""
+    hist = Histogram(torch.arange(1.0, 9.0, dtype=torch.float64)[None], torch.tensor([0.0], dtype=torch.float64),
+                     torch.tensor([8.0], dtype=torch.float64))
+    t = lambda v: torch.tensor([[v]], dtype=torch.float64)
+    got = float(grid_noise(hist, t(1.0), t(1.5), t(5.5)))
+    assert got == pytest.approx(_loop_noise(hist, 1.0, 1.5, 5.5, SQNR_CLIP_WEIGHT), rel=1e-12)
+    assert float(grid_noise(hist, t(1.0), t(1.5), t(5.5), clip_weight=10.0)) == \
+        pytest.approx(_loop_noise(hist, 1.0, 1.5, 5.5, 10.0), rel=1e-12)
+
+
+def test_clip_weight_reaches_the_search():
+    """A huge clipping weight makes the search keep the whole observed range; the default clips."""
+    x = torch.cat([torch.randn(20_000), torch.tensor([25.0, -30.0])])
+    obs = HistogramObserver(num_bins=512)
+    obs.observe(x)
+    lo_c, hi_c = sqnr_candidates(obs.hist, False)
+    assert float(expected_noise(obs.hist, lo_c, hi_c, 4, False, clip_weight=1e9).argmin()) == lo_c.shape[1] - 1
+    keep = sqnr_search(obs.hist, 4, False, clip_weight=1e9)
+    assert float(keep.min) == float(obs.hist.lo) and float(keep.max) == float(obs.hist.hi)
+    clip = sqnr_search(obs.hist, 4, False)
+    assert float(clip.max) < 25.0 and float(clip.min) > -30.0
+
+
+def test_sqnr_search_chunks_and_more_channels_than_bins():
+    """Results do not depend on the chunk size; 10 channels with 8 bins each are all searched."""
+    obs = HistogramObserver(num_bins=8, axis=0)
+    obs.observe(torch.randn(10, 200) * torch.arange(1.0, 11.0)[:, None])
+    whole, one_by_one = sqnr_search(obs.hist, 4, True), sqnr_search(obs.hist, 4, True, max_elements=1)
+    assert whole.max.shape == (10,)
+    for a, b in ((whole.min, one_by_one.min), (whole.max, one_by_one.max), (whole.sqnr_db, one_by_one.sqnr_db)):
+        assert torch.equal(a, b)
+    assert float(whole.max[-1]) > 3 * float(whole.max[0])  # each channel its own range
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
