@@ -37,7 +37,9 @@ def _as_args(dummy_input: Any) -> tuple:
     return tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
 
 
-def _check_bitwidth(name: str, value: Any) -> int:
+def check_bitwidth(name: str, value: Any) -> int:
+    """``value`` if it is a bitwidth the simulation can run (an int in [2, 16]), else
+    :class:`QuantConfigError`. (What ONNX can export is narrower: see ``check_exportable_bitwidth``.)"""
     if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16:
         raise QuantConfigError(f"{name} must be an int in [2, 16], got {value!r}")
     return value
@@ -82,8 +84,8 @@ class QuantSimModel:
         if not 50.0 < float(percentile) <= 100.0:
             raise QuantConfigError(f"percentile must be in (50, 100], got {percentile}")
         self.quant_scheme = quant_scheme
-        self.param_bw = _check_bitwidth("default_param_bw", default_param_bw)
-        self.output_bw = _check_bitwidth("default_output_bw", default_output_bw)
+        self.param_bw = check_bitwidth("default_param_bw", default_param_bw)
+        self.output_bw = check_bitwidth("default_output_bw", default_output_bw)
         self.percentile = float(percentile)
         self.config = load_config(config_file)
         args = _as_args(dummy_input)

@@ -179,3 +179,10 @@ def test_residual_stream_precision_on_bert_splits_each_layernorm_feeding_a_sum_a
     with torch.no_grad():
         ref = sim.model(ids, mask).last_hidden_state.numpy()
     assert np.abs(out - ref).max() <= 1e-5
+
+
+def test_callback_rejects_a_residual_stream_bitwidth_onnx_cannot_hold():
+    from qat_plugin.callbacks import QuantizationAwareTraining
+
+    with pytest.raises(QuantConfigError, match="residual_stream_bw=6 cannot be exported"):
+        QuantizationAwareTraining(residual_stream_bw=6)

@@ -329,7 +329,8 @@ def token_loader():
 
 
 def test_callback_fits_and_resumes_a_transformer_with_learned_ranges(tmp_path):
-    """Stopped at step 4, inside the annealing window, and resumed: equal to the straight run."""
+    """Stopped at step 4, inside the annealing window, and resumed: equal to the straight run
+    (with the 16-bit residual stream and its split LayerNorm outputs)."""
     import pytorch_lightning as pl
 
     from qat_plugin.callbacks import QuantizationAwareTraining
@@ -337,7 +338,7 @@ def test_callback_fits_and_resumes_a_transformer_with_learned_ranges(tmp_path):
     def run(max_steps, ckpt=None):
         torch.manual_seed(0)
         qat = QuantizationAwareTraining(quant_scheme="tf", calibration_batches=2, learn_ranges=True,
-                                        input_fn=lambda b: (b[0], b[1]),
+                                        input_fn=lambda b: (b[0], b[1]), residual_stream_bw=16,
                                         annealing=dict(end_step=6, every_n_steps=2, stat_batches=1))
         trainer = pl.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, max_steps=max_steps,
                              callbacks=[qat], logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -350,6 +351,8 @@ def test_callback_fits_and_resumes_a_transformer_with_learned_ranges(tmp_path):
     assert module.net is qat.sim.model and qat.applied_steps == 4
     opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert id(qat.sim.quantizers()["bert.encoder.layer.0.attention.self.query.weight"].scale) in opt_params
+    split = [k for k in qat.sim.quantizers() if "_layer_norm_output_to_" in k]  # residual_stream_bw=16
+    assert len(split) == 4 and all(qat.sim.quantizers()[k].bitwidth == 16 for k in split)
     ckpt = str(tmp_path / "four.ckpt")
     trainer.save_checkpoint(ckpt)
     _, straight, _ = run(8)

@@ -30,7 +30,9 @@ from ..calibration import param_scheme_for
 from ..errors import NotCalibratedError, QuantConfigError, did_you_mean
 from ..precision import loss_scaler
 from ..graph.apply import check_bn_folding
-from ..quantsim import QuantSimModel, _check_bitwidth, precision_spec
+from ..config import check_exportable_bitwidth
+from ..outliers import set_residual_stream_precision
+from ..quantsim import QuantSimModel, check_bitwidth, precision_spec
 from ..ptq.pipeline import PTQConfig
 from ..mixed_precision import MixedPrecisionConfig, MixedPrecisionResult, search_on_batches
 
@@ -146,6 +148,10 @@ class QuantizationAwareTraining(Callback):
             e.g. ``{"cle": True, "adaround": {"num_iterations": 200}, "bias_correction": True}``):
             CLE on the FP32 network before it is quantized; AdaRound and bias correction on the
             calibration batches right after calibration. Their reports: ``ptq_report``.
+        residual_stream_bw: for transformer encoders, e.g. ``16``: the residual stream at that
+            bitwidth, every Linear input and attention matmul staying at ``default_output_bw``
+            (:func:`qat_plugin.outliers.set_residual_stream_precision`; applied before
+            ``precision_overrides``).
         mixed_precision: search per-layer bitwidths before QAT (search -> QAT -> export in one
             fit): a :class:`~qat_plugin.mixed_precision.MixedPrecisionConfig` or its fields as a
             dict, e.g. ``{"candidates": [[4, 8], [8, 8]], "max_relative_size": 0.6}``. Runs in
@@ -177,14 +183,15 @@ class QuantizationAwareTraining(Callback):
                  log_every_n_steps: int = 50, param_quant_scheme: Optional[str] = None,
                  ptq: Union[None, bool, dict, PTQConfig] = None,
                  precision_overrides: Union[None, str, dict] = None,
-                 mixed_precision: Union[None, dict, MixedPrecisionConfig] = None):
+                 mixed_precision: Union[None, dict, MixedPrecisionConfig] = None,
+                 residual_stream_bw: Optional[int] = None):
         param_scheme_for(quant_scheme, param_quant_scheme)
         if calibration_batches < 1:
             raise QuantConfigError(f"calibration_batches must be >= 1, got {calibration_batches}")
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
             raise QuantConfigError(f"log_every_n_steps must be an int >= 1, got {log_every_n_steps!r}")
-        _check_bitwidth("default_param_bw", default_param_bw)
-        _check_bitwidth("default_output_bw", default_output_bw)
+        check_bitwidth("default_param_bw", default_param_bw)
+        check_bitwidth("default_output_bw", default_output_bw)
         check_bn_folding(bn_folding)
         self.auto_annealing = annealing is True  # window set from the run's length at train start
         if annealing is True:
@@ -218,6 +225,9 @@ class QuantizationAwareTraining(Callback):
         self.log_every_n_steps = log_every_n_steps
         precision_spec(precision_overrides)  # a bad target key, bitwidth or path fails here, not in setup
         self.precision_overrides = precision_overrides
+        if residual_stream_bw is not None:
+            check_exportable_bitwidth("residual_stream_bw", residual_stream_bw)
+        self.residual_stream_bw = residual_stream_bw
         self.ptq: Optional[PTQConfig] = PTQConfig.from_value(ptq)
         self.ptq_report: dict = {}
         self.mixed_precision = MixedPrecisionConfig.from_value(mixed_precision)
@@ -251,6 +261,8 @@ class QuantizationAwareTraining(Callback):
         if self.ptq is not None:
             self.ptq.prepare(network, self._tracing_input)
         self.sim = QuantSimModel(network, self._tracing_input, **self.sim_kwargs)
+        if self.residual_stream_bw is not None:
+            set_residual_stream_precision(self.sim, output_bw=self.residual_stream_bw)
         if self.precision_overrides is not None:
             self.sim.apply_precision(self.precision_overrides)
         if self.mixed_precision is not None and stage == "fit":
