@@ -87,7 +87,7 @@ class Histogram:
         return (e[:, 1:] + e[:, :-1]) / 2
 
 
-def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Row-wise piecewise-linear interpolation (like ``np.interp``), clamped at the ends."""
     idx = torch.searchsorted(xp.contiguous(), x.contiguous()).clamp(1, xp.shape[1] - 1)
     x0, x1 = xp.gather(1, idx - 1), xp.gather(1, idx)
@@ -101,7 +101,7 @@ def rebin(hist: Histogram, lo: torch.Tensor, hi: torch.Tensor) -> Histogram:
     counts are spread uniformly inside each old bin. Total mass is kept exactly."""
     cdf = torch.nn.functional.pad(hist.counts.cumsum(1), (1, 0))
     new = Histogram(torch.zeros_like(hist.counts), lo, hi)
-    new_cdf = _interp(new.edges, hist.edges, cdf)
+    new_cdf = interp(new.edges, hist.edges, cdf)
     new.counts = new_cdf.diff(dim=1).clamp_min(0)
     return new
 

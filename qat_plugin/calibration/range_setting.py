@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..encoding import num_steps
-from .observers import Histogram, _interp
+from .observers import Histogram, interp
 
 #: Fractions of the observed extremes tried as clipping points by the SQNR search.
 SQNR_ASYM_STEPS = 24
@@ -32,7 +32,7 @@ def percentile_range(hist: Histogram, percentile: float = 99.99) -> tuple[torch.
     cdf = cdf / cdf[:, -1:].clamp_min(1e-300)
     p = torch.tensor([[1 - percentile / 100, percentile / 100]], dtype=torch.float64, device=cdf.device)
     # invert the CDF: interpolate edges as a function of the cumulative mass
-    q = _interp(p.expand(cdf.shape[0], 2), cdf, hist.edges)
+    q = interp(p.expand(cdf.shape[0], 2), cdf, hist.edges)
     return q[:, 0], q[:, 1]
 
 
