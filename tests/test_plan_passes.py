@@ -317,3 +317,132 @@ def test_fold_zero_pads_into_a_functional_aten_conv(conv_args, meta, folded):
         w.meta["val"] = root.w.detach()
     plan = make_plan(gm, load_config("default"))
     assert plan.pad_folds == (((pad.name, conv.name),) if folded else ())
+
+
+def _plan(model, args, config="default"):
+    gm = capture(model.eval())
+    propagate_shapes(gm, args)
+    return make_plan(gm, load_config(config))
+
+
+class ConvBn(nn.Module):
+    def __init__(self, bias=True, relu=True):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3, bias=bias), nn.BatchNorm2d(4), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+def test_a_supergroup_written_with_batchnorm_matches_the_folded_pair():
+    plan = _plan(ConvBn(), (torch.randn(1, 3, 8, 8),), {"supergroups": [{"op_list": ["Conv", "BatchNormalization", "Relu"]}]})
+    assert plan.groups == (("conv", "bn", "relu"),) and [s.key for s in plan.by_kind("output")] == ["relu_output"]
+
+
+def test_a_folded_conv_without_bias_gets_an_int32_bias_from_its_input():
+    plan = _plan(ConvBn(bias=False), (torch.randn(1, 3, 8, 8),))
+    assert plan.site("conv.weight").bias_from == "x_input"
+
+
+def test_bias_quantized_without_weight_sites():
+    config = {"defaults": {"params": {"is_quantized": False}}, "params": {"bias": {"is_quantized": True}}}
+    plan = _plan(ConvBn(), (torch.randn(1, 3, 8, 8),), config)
+    assert plan.by_kind("param") == [] and {s.key for s in plan.sites} == {"x_input", "conv_output", "relu_output"}
+
+
+@pytest.mark.parametrize("config, symmetric, per_channel", [
+    ({"defaults": {"params": {"is_symmetric": False}, "per_channel_quantization": False}}, False, False),
+    ({"op_type": {"Conv": {"per_channel_quantization": False}}}, True, False),
+    ("default", True, True)])
+def test_weight_site_follows_the_config(config, symmetric, per_channel):
+    w = _plan(ConvBn(), (torch.randn(1, 3, 8, 8),), config).site("conv.weight")
+    assert (w.symmetric, w.axis, w.channels) == (symmetric, 0 if per_channel else None, 4 if per_channel else 0)
+
+
+class Lookup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 4), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids))
+
+
+def test_an_embedding_has_a_weight_site_and_no_bias():
+    plan = _plan(Lookup(), (torch.tensor([[1, 2, 3]]),))
+    # the lookup's output is on the table's grid (Gather is value-preserving): no site, so no int32 bias for fc
+    assert [(s.key, s.bias_from) for s in plan.sites] == [("emb.weight", None), ("fc.weight", None), ("fc_output", None)]
+
+
+class KeywordWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return F.linear(x, weight=self.w, bias=self.b) + F.linear(x, self.w * 2)
+
+
+def test_functional_weight_by_keyword_and_computed_weights():
+    plan = _plan(KeywordWeights(), (torch.randn(2, 4),))
+    assert [(s.key, s.nodes) for s in plan.by_kind("param")] == [("w_param", ("w",))]  # w * 2 has no weight site
+
+
+class Outputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x, mask):
+        return self.bn(self.conv(x)), mask.float(), x
+
+
+def test_float_model_outputs_drop_folded_outputs_and_keep_input_sites():
+    plan = _plan(Outputs(), (torch.randn(1, 3, 8, 8), torch.ones(2, dtype=torch.long)),
+                 {"model_output": {"is_output_quantized": False}})
+    assert [(s.key, s.consumers) for s in plan.sites] == [("x_input", None), ("conv.weight", None)]
+
+
+class Cat3(nn.Module):
+    def forward(self, a, b, c):
+        return torch.cat([torch.relu(a), torch.sigmoid(b), torch.tanh(c)], 1)
+
+
+def test_three_way_shared_concat_is_one_site():
+    plan = _plan(Cat3(), (torch.randn(1, 2),) * 3, "tensorrt")
+    (shared,) = plan.by_kind("output")
+    assert shared.nodes == ("relu", "sigmoid", "tanh") and shared.op == "Relu|Sigmoid|Tanh"
+
+
+@pytest.mark.parametrize("target, args", [("masked_fill", "Scalar"), ("where", "self")])
+def test_aten_masking_ops_reach_softmax_in_float(target, args):
+    """torch.export's ``aten.masked_fill`` / ``aten.where`` on attention scores: no site on them."""
+    g = fx.Graph()
+    x, mask = g.placeholder("x"), g.placeholder("mask")
+    scores = g.call_function(torch.ops.aten.matmul.default, (x, g.call_function(torch.ops.aten.transpose.int, (x, -1, -2))))
+    keep = g.call_function(torch.ops.aten.gt.Scalar, (mask, 0))
+    if target == "masked_fill":
+        masked = g.call_function(torch.ops.aten.masked_fill.Scalar, (scores, keep, float("-inf")))
+    else:
+        masked = g.call_function(torch.ops.aten.where.self, (keep, scores, g.call_function(
+            torch.ops.aten.full_like.default, (scores, -1e9))))
+    softmax = g.call_function(torch.ops.aten.softmax.int, (masked, -1))
+    g.output(softmax)
+    gm = fx.GraphModule(nn.Module(), g)
+    propagate_shapes(gm, (torch.randn(2, 4, 4), torch.ones(2, 4, 4, dtype=torch.long)))
+    plan = make_plan(gm, load_config("default"))
+    assert {n for s in plan.sites for n in s.nodes} == {x.name, scores.name, softmax.name}
+
+
+class FxMasked(nn.Module):
+    def forward(self, x, mask):
+        scores = x @ x.transpose(-1, -2)
+        return torch.softmax(scores.masked_fill(mask[:, None, :] == 0, float("-inf")), -1)
+
+
+@pytest.mark.xfail(strict=True, reason="torch.fx captures Tensor.masked_fill / torch.where as ops the vocabulary does "
+                                       "not know (only the ATen forms are 'Where'): a float site quantizes the masked "
+                                       "scores for the Softmax")
+def test_fx_masked_fill_reaches_softmax_in_float():
+    plan = _plan(FxMasked(), (torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.long)))
+    assert {n for s in plan.sites for n in s.nodes} == {"x", "matmul", "softmax"}
