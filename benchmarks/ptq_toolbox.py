@@ -14,6 +14,9 @@ timing: the toolbox's defaults on torchvision resnet50 (random weights, 54 Conv/
   (learning vs passes over the data), correct_bias; each stage's wall time and the load average.
   The budget (issue 10) is 15 min on 2 CPU cores:
       OMP_NUM_THREADS=2 python benchmarks/ptq_toolbox.py --parts timing
+  On a shared machine, run it with OMP_NUM_THREADS=1: the process CPU time of one thread is the
+  work, about what one free core needs, so an upper bound of the wall time on 2 free cores (2
+  threads on oversubscribed cores spin at OpenMP barriers and inflate both times).
 """
 from __future__ import annotations
 
@@ -159,7 +162,7 @@ def timing(targets=("fp32_outputs",), n_images=128, batch=16, log=print):
             t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
             stages[name], cpu[name] = time.perf_counter() - t0, time.process_time() - c0
-            log(f"  {target}: {name} {stages[name]:.0f} s (load {_load()})")
+            log(f"  {target}: {name} {stages[name]:.0f} s wall, {cpu[name]:.0f} s CPU (load {_load()})")
             return out
 
         with torch.no_grad():
@@ -171,16 +174,21 @@ def timing(targets=("fp32_outputs",), n_images=128, batch=16, log=print):
         report = stage("apply_adaround", lambda: apply_adaround(sim, data, target=target, progress=False))
         stage("correct_bias", lambda: correct_bias(sim, data, progress=False))
         log(str(report))
-        total = sum(v for k, v in stages.items() if k != "FP32 forward (reference)")
-        total_cpu = sum(v for k, v in cpu.items() if k != "FP32 forward (reference)")
+        tools = ("CLE", "apply_adaround", "correct_bias")
+        total, total_cpu = sum(stages[k] for k in tools), sum(cpu[k] for k in tools)
+        calib_cpu = cpu["QuantSimModel"] + cpu["compute_encodings"]
         layers = [l for l in report.layers if not l.skipped]
         ratios = [l.mse_adaround / l.mse_nearest for l in layers if l.mse_nearest > 0]
         rows.append(["resnet50 (random weights), 128 x 224x224, W4A8", target, str(len(layers)),
-                     f"{stages['FP32 forward (reference)']:.0f}", f"{stages['CLE']:.0f}",
-                     f"{stages['QuantSimModel'] + stages['compute_encodings']:.0f}",
+                     f"{stages['FP32 forward (reference)']:.0f} / {cpu['FP32 forward (reference)']:.0f}",
+                     f"{stages['CLE']:.0f} / {cpu['CLE']:.0f}",
+                     f"{stages['QuantSimModel'] + stages['compute_encodings']:.0f} / {calib_cpu:.0f}",
                      f"{report.optimize_seconds:.0f} ({report.optimize_seconds / len(layers):.1f}/layer)",
-                     f"{report.seconds - report.optimize_seconds:.0f}", f"{stages['correct_bias']:.0f}",
-                     f"{total:.0f} ({total / 60:.1f} min)", f"{total_cpu / 60:.1f} min",
+                     f"{report.seconds - report.optimize_seconds:.0f}",
+                     f"{stages['apply_adaround']:.0f} / {cpu['apply_adaround']:.0f}",
+                     f"{stages['correct_bias']:.0f} / {cpu['correct_bias']:.0f}",
+                     f"{total:.0f} / {total_cpu:.0f} ({total / 60:.1f} / {total_cpu / 60:.1f} min)",
+                     f"{(total_cpu + calib_cpu) / 60:.1f} min",
                      f"{load0} -> {_load()}", f"{statistics.median(ratios):.3f}"])
     return rows
 
@@ -216,9 +224,11 @@ def main(argv=None):
         out.append(markdown_table(["model", "FP32 %", "PTQ W4A8 %", "QAT labels % (per seed)", "mean",
                                    "QAT distill, no labels % (per seed)", "mean", "distill - labels"], rows))
     if "timing" in args.parts:
-        out.append(markdown_table(["network", "AdaRound target", "layers", "FP32 forward s (reference)", "CLE s",
-                                   "sim + compute_encodings s", "AdaRound learning s", "AdaRound data passes s",
-                                   "correct_bias s", "total wall s (CLE .. bias corr.)", "total CPU (all threads)",
+        out.append(markdown_table(["network", "AdaRound target", "layers", "FP32 forward (reference) wall / CPU s",
+                                   "CLE wall / CPU s", "sim + compute_encodings wall / CPU s",
+                                   "AdaRound learning wall s", "AdaRound passes + re-calibration wall s",
+                                   "apply_adaround wall / CPU s", "correct_bias wall / CPU s",
+                                   "CLE + AdaRound + bias corr. wall / CPU s", "CPU incl. calibration",
                                    "load avg 1/5/15 min, start -> end", "layer MSE / nearest (median)"],
                                   timing(args.timing_targets)))
     print()
