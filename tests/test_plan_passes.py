@@ -153,6 +153,8 @@ class Scores(nn.Module):
             return torch.softmax((s + self.bias).reshape(2, 16), -1)
         if self.variant == "also an output":
             return torch.softmax(s + self.bias, -1), s
+        if self.variant == "divided, minus a bias":
+            return torch.softmax((x @ x.transpose(-1, -2)) / 8.0 - self.bias, -1)
         if self.variant == "softmax, then relu":
             t = s + self.bias
             return torch.softmax(t, -1) + torch.relu(t)
@@ -162,6 +164,7 @@ class Scores(nn.Module):
 @pytest.mark.parametrize("variant, quantized", [
     ("softmax", {"x", "matmul", "softmax"}),  # the scale and the bias add go to Softmax in float
     ("reshape", {"x", "matmul", "softmax"}),  # through a reshape too
+    ("divided, minus a bias", {"x", "matmul", "softmax"}),  # Div and Sub forms
     ("also an output", {"x", "matmul", "mul", "softmax"}),  # the scaled scores are a model output
     ("softmax, then relu", {"x", "matmul", "mul", "add", "softmax", "relu", "add_1"}),  # a user that is no Softmax
     ("relu", {"x", "matmul", "mul", "relu", "softmax"}),  # a value-changing op between scale and Softmax
@@ -446,3 +449,39 @@ class FxMasked(nn.Module):
 def test_fx_masked_fill_reaches_softmax_in_float():
     plan = _plan(FxMasked(), (torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.long)))
     assert {n for s in plan.sites for n in s.nodes} == {"x", "matmul", "softmax"}
+
+
+class UnknownOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        y = torch.cumsum(x, -1)
+        return self.fc(y), y.reshape(-1), y
+
+
+@pytest.mark.filterwarnings("ignore:.*left in float.*")
+def test_an_unknown_op_is_quantized_for_its_computing_consumers_only():
+    plan = _plan(UnknownOp(), (torch.randn(2, 3),))
+    site = plan.site("cumsum_float_output")
+    assert (site.kind, site.op, site.where, site.consumers) == ("input", "(float op)", "torch.cumsum", ("fc",))
+    assert plan.unsupported == ("torch.cumsum (call_function 'cumsum')",)
+
+
+class LinearReluSigmoid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(torch.relu(self.fc(x)))
+
+
+def test_activation_symmetry_is_per_op_type():
+    config = {"defaults": {"ops": {"is_output_quantized": True, "is_symmetric": False},
+                           "params": {"is_quantized": True, "is_symmetric": True}},
+              "op_type": {"Relu": {"is_symmetric": True}}}
+    plan = _plan(LinearReluSigmoid(), (torch.randn(2, 3),), config)
+    assert [(s.key, s.symmetric) for s in plan.sites] == [("x_input", False), ("fc.weight", True), ("fc_output", False),
+                                                          ("relu_output", True), ("sigmoid_output", False)]
