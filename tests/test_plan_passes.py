@@ -146,6 +146,8 @@ class Scores(nn.Module):
         self.variant, self.bias = variant, nn.Parameter(torch.randn(4, 4))
 
     def forward(self, x):
+        if self.variant == "divided, minus a bias":
+            return torch.softmax((x @ x.transpose(-1, -2)) / 8.0 - self.bias, -1)
         s = (x @ x.transpose(-1, -2)) * 0.125
         if self.variant == "softmax":
             return torch.softmax(s + self.bias, -1)
@@ -153,8 +155,6 @@ class Scores(nn.Module):
             return torch.softmax((s + self.bias).reshape(2, 16), -1)
         if self.variant == "also an output":
             return torch.softmax(s + self.bias, -1), s
-        if self.variant == "divided, minus a bias":
-            return torch.softmax((x @ x.transpose(-1, -2)) / 8.0 - self.bias, -1)
         if self.variant == "softmax, then relu":
             t = s + self.bias
             return torch.softmax(t, -1) + torch.relu(t)
