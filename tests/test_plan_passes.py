@@ -443,10 +443,9 @@ class FxMasked(nn.Module):
         return torch.softmax(scores.masked_fill(mask[:, None, :] == 0, float("-inf")), -1)
 
 
-@pytest.mark.xfail(strict=True, reason="torch.fx captures Tensor.masked_fill / torch.where as ops the vocabulary does "
-                                       "not know (only the ATen forms are 'Where'): a float site quantizes the masked "
-                                       "scores for the Softmax")
 def test_fx_masked_fill_reaches_softmax_in_float():
+    """torch.fx captures Tensor.masked_fill as a method call: it is 'Where' like the ATen form, so
+    the masked scores reach the Softmax in float (before, an unknown-op site quantized them)."""
     plan = _plan(FxMasked(), (torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.long)))
     assert {n for s in plan.sites for n in s.nodes} == {"x", "matmul", "softmax"}
 

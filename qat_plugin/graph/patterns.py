@@ -80,7 +80,7 @@ _FUNCTIONS: dict = {
     torch.flatten: "Flatten", torch.reshape: "Reshape", torch.permute: "Transpose",
     torch.transpose: "Transpose", torch.squeeze: "Squeeze", torch.unsqueeze: "Unsqueeze",
     F.dropout: "Dropout", F.pad: "Pad", operator.getitem: "Slice", getattr: "Slice",
-    torch.split: "Split", torch.chunk: "Split",
+    torch.split: "Split", torch.chunk: "Split", torch.where: "Where", torch.masked_fill: "Where",
 }
 
 _METHODS: dict[str, str] = {
@@ -90,6 +90,7 @@ _METHODS: dict[str, str] = {
     "view": "Reshape", "reshape": "Reshape", "flatten": "Flatten", "permute": "Transpose",
     "transpose": "Transpose", "contiguous": "Identity", "squeeze": "Squeeze",
     "unsqueeze": "Unsqueeze", "expand": "Expand", "split": "Split", "chunk": "Split",
+    "masked_fill": "Where", "masked_fill_": "Where", "where": "Where",
 }
 
 aten = torch.ops.aten
