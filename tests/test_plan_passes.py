@@ -236,9 +236,7 @@ PADS = {
 }
 
 
-@pytest.mark.parametrize("case", list(PADS) + [pytest.param("functional conv", marks=pytest.mark.xfail(
-    strict=True, reason="fx capture stores qat_shape, not val/tensor_meta, on the weight: fold_zero_pads skips "
-                        "functional convs captured with torch.fx"))])
+@pytest.mark.parametrize("case", list(PADS) + ["functional conv"])  # fx: the weight's shape is meta['qat_shape']
 def test_fold_zero_pads_on_module_and_functional_pads(case):
     """Pass 4 on torch.fx captures: constant zero pads with static amounts on the spatial dims, owned by
     a zero-padding conv, fold (no site and no passthrough after them); anything else stays."""

@@ -298,10 +298,12 @@ def fold_zero_pads(g: _PlanGraph) -> dict[fx.Node, fx.Node]:
             if isinstance(padding, str) and padding != "valid":
                 continue
             w = u.args[1] if len(u.args) > 1 else u.kwargs.get("weight")
-            value = w.meta.get("val", w.meta.get("tensor_meta")) if isinstance(w, fx.Node) else None
-            if value is None or not hasattr(value, "shape"):
+            meta = w.meta if isinstance(w, fx.Node) else {}
+            value = meta.get("val", meta.get("tensor_meta"))  # torch.export; propagate_shapes for torch.fx
+            shape = value.shape if hasattr(value, "shape") else meta.get("qat_shape")
+            if shape is None:
                 continue
-            spatial = len(value.shape) - 2
+            spatial = len(shape) - 2
         else:
             continue
         pad = zero_pad_amounts(n, g.modules)
