@@ -302,7 +302,8 @@ def test_make_plan_records_groups_and_folds():
 def test_fold_zero_pads_into_a_functional_aten_conv(conv_args, meta, folded):
     """torch.export's ``aten.conv2d(input, weight, bias?, stride?, padding?)`` with a parameter weight:
     the pad folds when the weight's value (``meta['val']``, as torch.export records it) gives the
-    spatial rank; without it the pass leaves the pad."""
+    spatial rank (or, for torch.fx, ``meta['qat_shape']`` from propagate_shapes); without any shape
+    the pass leaves the pad."""
     root = nn.Module()
     root.w, root.b = nn.Parameter(torch.randn(4, 3, 3, 3)), nn.Parameter(torch.randn(4))
     g = fx.Graph()
@@ -316,6 +317,8 @@ def test_fold_zero_pads_into_a_functional_aten_conv(conv_args, meta, folded):
     propagate_shapes(gm, (torch.randn(1, 3, 8, 8),))
     if meta:
         w.meta["val"] = root.w.detach()
+    else:
+        w.meta.pop("qat_shape")  # no shape recorded at all (neither torch.export's nor propagate_shapes')
     plan = make_plan(gm, load_config("default"))
     assert plan.pad_folds == (((pad.name, conv.name),) if folded else ())
 
