@@ -237,3 +237,12 @@ def test_state_dict_fields_and_frozen_restore():
     c = EncodingAnnealer(_sim()[0], cfg)
     c.load_state_dict({k: v for k, v in state.items() if k != "nonfinite"} | {"frozen": False})
     assert not c.frozen and c.nonfinite == {}
+
+
+def test_a_fresh_annealer_checkpoints_plain_defaults():
+    sim, _ = _sim()
+    state = EncodingAnnealer(sim).state_dict()
+    assert state == {"step": 0, "updates": 0, "frozen": False, "config": dict(
+        start_step=0, end_step=200, every_n_steps=10, alpha0=0.1, schedule="cosine", stat_batches=2,
+        include_weights=False, freeze_ranges=True), "nonfinite": {}, "window": None}
+    assert state["frozen"] is False
