@@ -409,13 +409,36 @@ def test_float_model_outputs_drop_folded_outputs_and_keep_input_sites():
 
 class Cat3(nn.Module):
     def forward(self, a, b, c):
-        return torch.cat([torch.relu(a), torch.sigmoid(b), torch.tanh(c)], 1)
+        return torch.cat([torch.relu(a), torch.sigmoid(b), torch.tanh(c)], 1).reshape(-1)
 
 
 def test_three_way_shared_concat_is_one_site():
     plan = _plan(Cat3(), (torch.randn(1, 2),) * 3, "tensorrt")
     (shared,) = plan.by_kind("output")
     assert shared.nodes == ("relu", "sigmoid", "tanh") and shared.op == "Relu|Sigmoid|Tanh"
+    assert plan.passthrough == (("reshape", "relu_output"),)  # the concat's value is on the shared encoding
+
+
+def test_an_op_without_output_quantization_hands_nothing_on():
+    config = {"defaults": {"ops": {"is_output_quantized": True}, "params": {"is_quantized": True, "is_symmetric": True}},
+              "op_type": {"Relu": {"is_output_quantized": False}}}
+    plan = _plan(LinearReluSigmoid(), (torch.randn(2, 3),), config)
+    assert [s.key for s in plan.sites] == ["x_input", "fc.weight", "fc_output", "sigmoid_output"]
+    assert plan.passthrough == () and plan.unsupported == ()
+
+
+class ComputedWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3))
+
+    def forward(self, x):
+        return torch.sigmoid(F.linear(x, torch.cumsum(self.w, 0)))
+
+
+def test_unknown_ops_on_constants_are_folded_and_placement_goes_on():
+    plan = _plan(ComputedWeight(), (torch.randn(2, 3),))
+    assert [s.key for s in plan.sites] == ["x_input", "linear_output", "sigmoid_output"] and plan.unsupported == ()
 
 
 @pytest.mark.parametrize("target, args", [("masked_fill", "Scalar"), ("where", "self")])
