@@ -171,7 +171,8 @@ def _torch_export(module: nn.Module, args: tuple, opset: int, dynamic_batch: boo
         program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
                                     custom_translation_table=_translation(opset) if quantized else None,
                                     input_names=input_names, output_names=output_names, verbose=False)
-    return program.model
+    model = program.model  # an onnx_ir.Model with onnxscript >= 0.3; older ones have their own IR class
+    return model if isinstance(model, ir.Model) else ir.from_proto(program.model_proto)
 
 
 def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input: Any,
