@@ -66,16 +66,23 @@ def ptq_report_text(report: dict) -> str:
 class _PTQAccuracy(pl.Callback):
     """After the QAT callback's calibration (with its ``ptq=`` steps) at the start of training,
     the validation accuracy of the simulation as PTQ left it: the report's "PTQ + ..." row,
-    without running the PTQ steps a second time on a copy."""
+    without running the PTQ steps a second time on a copy. With the callback's
+    ``mixed_precision`` search (run in its ``setup``), the row "PTQ, searched mix"."""
 
     def __init__(self, qat: QuantizationAwareTraining, dm, results: dict):
         self.qat, self.dm, self.results = qat, dm, results
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.qat.ptq_report and trainer.is_global_zero:  # empty when resumed (no calibration in this fit)
+        if not trainer.is_global_zero:
+            return
+        if self.qat.ptq_report:  # empty when resumed (no calibration in this fit)
             key = f"PTQ + {_ptq_label(self.qat.ptq)}"
-            self.results[key] = _accuracy(self.qat.sim.model, self.dm.val_dataloader(), pl_module.device)
-            print(f"{key}: {self.results[key]:.2f}")
+        elif getattr(self.qat, "mixed_precision_result", None) is not None and trainer.ckpt_path is None:
+            key = "PTQ, searched mix"
+        else:
+            return
+        self.results[key] = _accuracy(self.qat.sim.model, self.dm.val_dataloader(), pl_module.device)
+        print(f"{key}: {self.results[key]:.2f}")
 
 
 class QatCLI(LightningCLI):
@@ -125,6 +132,7 @@ class QatCLI(LightningCLI):
         self.results["PTQ"] = _accuracy(sim.model, dm.val_dataloader(), model.device)
         if getattr(qat, "ptq", None) is not None:  # measured once the callback has run them (no second run)
             print(f"PTQ toolbox: {_ptq_label(qat.ptq)} (run by the callback right after calibration)")
+        if getattr(qat, "ptq", None) is not None or getattr(qat, "mixed_precision", None) is not None:
             trainer.callbacks.append(_PTQAccuracy(qat, dm, self.results))
 
     def after_fit(self) -> None:

@@ -572,10 +572,12 @@ def test_mixed_search_recipe_runs_fp32_search_qat_export_in_one_command(tmp_path
     mix = json.load(open(tmp_path / "export" / "model.encodings"))["qat_plugin_bitwidths"]["param"]
     assert set(mix) == {"4", "8"}
     sqnr, agreement = map(float, re.search(r"SQNR ([\d.]+) dB, top-1 agreement ([\d.]+)%", out).groups())
-    fp32, qat, ort = (float(re.search(rf"\n{name}\s+([\d.]+)", out).group(1))
-                      for name in ("FP32", "QAT", r"ONNX Runtime \(exported file\)"))
-    # measured (1 thread, seed 0): FP32 87.74, QAT 91.36, ORT 91.64, 41.6 dB, 99.72% (one image of 359)
-    assert fp32 >= 87.0 and qat >= 91.0 and abs(qat - ort) <= 0.6
+    fp32, mixed, qat, ort = (float(re.search(rf"\n{name}\s+([\d.]+)", out).group(1))
+                             for name in ("FP32", "PTQ, searched mix", "QAT", r"ONNX Runtime \(exported file\)"))
+    # measured (1 thread, seed 0): FP32 87.74, mixed PTQ 85.79, QAT 92.48, ORT 92.48, 43.2 dB, 100%
+    # (before the "PTQ, searched mix" row existed: QAT 91.36, ORT 91.64, 41.6 dB, 99.72% -- reading
+    # the validation loader at train start draws from the global RNG, so the QAT batches differ)
+    assert fp32 >= 87.0 and mixed >= 85.5 and qat >= 91.0 and abs(qat - ort) <= 0.6
     assert sqnr >= 40.0 and agreement >= 99.4
 
 
