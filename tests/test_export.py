@@ -246,3 +246,23 @@ def test_trained_torchvision_top1_agreement(tmp_path, name):
     report = verify(res.onnx_path, sim, data[:512])
     assert report.n_inputs >= 256
     assert report.within_floor and report.top1_agreement >= 0.995, str(report)
+
+
+# ---- added for issue 13's mutation run of export/onnx.py ------------------------------------------
+def _quantize_zero_point_types(path):
+    model = onnx.load(path)
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t.data_type for n in model.graph.node if n.op_type == "Constant"}
+    return {inits.get(n.input[2], consts.get(n.input[2])) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+@pytest.mark.parametrize("config, zero_point_type", [("tensorrt", onnx.TensorProto.INT16),
+                                                     ("default", onnx.TensorProto.UINT16)])
+def test_16_bit_activations_keep_their_sign_in_the_file(tmp_path, config, zero_point_type):
+    """Symmetric 16-bit activations (TensorRT preset) quantize to INT16, asymmetric ones to UINT16, and
+    ORT runs either at the simulation's arithmetic."""
+    x = torch.randn(16, 3, 8, 8)
+    sim = calibrate(QuantSimModel(AddRelu(), x[:2], default_output_bw=16, config_file=config), x)
+    res = sim.export(str(tmp_path), "m", x[:1])
+    assert _quantize_zero_point_types(res.onnx_path) == {zero_point_type}
+    assert verify(res.onnx_path, sim, torch.randn(64, 3, 8, 8)).sqnr_db > 60
