@@ -390,6 +390,9 @@ class KeywordWeights(nn.Module):
 def test_functional_weight_by_keyword_and_computed_weights():
     plan = _plan(KeywordWeights(), (torch.randn(2, 4),))
     assert [(s.key, s.nodes) for s in plan.by_kind("param")] == [("w_param", ("w",))]  # w * 2 has no weight site
+    # w * 2 is a constant computed by a known op: quantized as that op's output (it is no mask)
+    assert [s.key for s in plan.sites] == ["x_input", "w_param", "linear_output", "mul_output", "linear_1_output",
+                                           "add_output"]
 
 
 class Outputs(nn.Module):
@@ -508,3 +511,36 @@ def test_activation_symmetry_is_per_op_type():
     plan = _plan(LinearReluSigmoid(), (torch.randn(2, 3),), config)
     assert [(s.key, s.symmetric) for s in plan.sites] == [("x_input", False), ("fc.weight", True), ("fc_output", False),
                                                           ("relu_output", True), ("sigmoid_output", False)]
+
+
+SHAPE_ONLY = {
+    "new_zeros": lambda s: s.new_zeros(s.shape), "new_ones": lambda s: s.new_ones(s.shape),
+    "new_full": lambda s: s.new_full(s.shape, -100.0), "new_empty": lambda s: s.new_empty(s.shape).zero_(),
+    "zeros_like": torch.zeros_like, "ones_like": torch.ones_like, "full_like": lambda s: torch.full_like(s, -100.0),
+}
+
+
+class ShapeOnlyMask(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def forward(self, x):
+        scores = x @ x.transpose(-1, -2)
+        return torch.softmax(scores + self.make(scores), -1)
+
+
+@pytest.mark.parametrize("name", list(SHAPE_ONLY))
+def test_shape_only_constructors_make_constants_that_reach_softmax_in_float(name):
+    """A mask built with new_zeros / zeros_like / ... from the scores' shape is a constant, not data:
+    scores + mask feeds the Softmax in float (Swin's shifted-window mask)."""
+    plan = _plan(ShapeOnlyMask(SHAPE_ONLY[name]), (torch.randn(2, 4, 3),))
+    assert {n for s in plan.sites for n in s.nodes} == {"x", "matmul", "softmax"}
+
+
+def test_longest_supergroup_wins():
+    config = {"defaults": {"ops": {"is_output_quantized": True}, "params": {"is_quantized": True, "is_symmetric": True}},
+              "supergroups": [{"op_list": ["Gemm", "Relu"]}, {"op_list": ["Gemm", "Relu", "Sigmoid"]}]}
+    plan = _plan(LinearReluSigmoid(), (torch.randn(2, 3),), config)
+    assert plan.groups == (("fc", "relu", "sigmoid"),)
+    assert [s.key for s in plan.by_kind("output")] == ["sigmoid_output"]
