@@ -544,3 +544,48 @@ def test_longest_supergroup_wins():
     plan = _plan(LinearReluSigmoid(), (torch.randn(2, 3),), config)
     assert plan.groups == (("fc", "relu", "sigmoid"),)
     assert [s.key for s in plan.by_kind("output")] == ["sigmoid_output"]
+
+
+class PadThenFunctionalConv(nn.Module):
+    def __init__(self, pad, conv):
+        super().__init__()
+        self.pad, self.conv, self.w = pad, conv, nn.Parameter(torch.randn(4, 3, 3, 3))
+
+    def forward(self, x):
+        return self.conv(self.pad(x), self.w)
+
+
+FUNCTIONAL = {
+    "padding='same'": (lambda y, w: F.conv2d(y, w, padding="same"), False),
+    "padding='valid'": (lambda y, w: F.conv2d(y, w, padding="valid"), True),
+    "positional padding": (lambda y, w: F.conv2d(y, w, None, 1, 0), True),
+    "positional 'same'": (lambda y, w: F.conv2d(y, w, None, 1, "same"), False),
+    "weight by keyword": (lambda y, w: F.conv2d(y, weight=w), True),
+}
+
+
+@pytest.mark.parametrize("case", FUNCTIONAL)
+def test_fold_zero_pads_before_functional_convs(case):
+    conv, folded = FUNCTIONAL[case]
+    plan = _plan(PadThenFunctionalConv(_F(lambda x: F.pad(x, (1, 1, 1, 1))), conv), (torch.randn(1, 3, 8, 8),))
+    assert plan.pad_folds == ((("pad", "conv2d"),) if folded else ())
+
+
+class ChannelPadThenSamePadThenFold(nn.Module):
+    """A channel pad (stays), a pad before a 'same'-padded functional conv (stays), then a foldable
+    pad: the pass goes on past the functional convs it leaves."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2, self.w3 = (nn.Parameter(torch.randn(3, 4, 3, 3)), nn.Parameter(torch.randn(3, 3, 3, 3)),
+                                     nn.Parameter(torch.randn(4, 3, 3, 3)))
+
+    def forward(self, x):
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1, 0, 1)), self.w1)
+        y = F.conv2d(F.pad(y, (1, 1, 1, 1)), self.w2, padding="same")
+        return F.conv2d(F.pad(y, (1, 1, 1, 1)), self.w3)
+
+
+def test_fold_zero_pads_goes_on_past_functional_convs_it_leaves():
+    plan = _plan(ChannelPadThenSamePadThenFold(), (torch.randn(1, 3, 8, 8),))
+    assert plan.pad_folds == (("pad_2", "conv2d_2"),)
