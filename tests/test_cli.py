@@ -36,7 +36,7 @@ def test_every_recipe_runs_briefly(recipe, tmp_path):
 def test_quickstart_main_job_prints_the_table(tmp_path, capsys):
     """A shortened main job: warm-up, calibrate, QAT with annealing, export, ORT check, table."""
     main(["fit", "--config", RECIPES[[os.path.basename(r) for r in RECIPES].index("quickstart.yaml")],
-          "--model.init_args.fp32_warmup_epochs", "1", "--trainer.max_steps", "6", "--trainer.max_epochs", "1",
+          "--model.init_args.fp32_warmup_epochs", "0", "--trainer.max_steps", "6", "--trainer.max_epochs", "1",
           "--trainer.default_root_dir", str(tmp_path), "--report_dir", str(tmp_path / "export")] + QUIET)
     out = capsys.readouterr().out
     for row in ("FP32", "PTQ", "QAT", "ONNX Runtime (exported file)", "ORT vs simulation", "ONNX size FP32 / INT8",

@@ -18,7 +18,7 @@ def load(name):
 
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_qat_loop(amp, capsys):
-    acc = load("qat_loop").main(["--steps", "10", "--warmup-steps", "30", "--amp", amp, "--batch-size", "16"])
+    acc = load("qat_loop").main(["--steps", "7", "--warmup-steps", "30", "--amp", amp, "--batch-size", "16"])
     out = capsys.readouterr().out
     assert "alpha" in out and "loss scale" in out and acc > 15.0
 

@@ -1,6 +1,7 @@
 """Export robustness: int32 bias overflow, ORT fusions that change numbers, zero pads before convs."""
 import json
 import os
+import tempfile
 import warnings
 
 import numpy as np
@@ -338,3 +339,36 @@ def test_a_mask_built_from_new_zeros_reaches_softmax_in_float():
     softmax = next(n for n in sim.model.graph.nodes if "softmax" in str(n.target) and n.op != "call_module")
     assert softmax.args[0].op != "call_module", [s.key for s in sim.quantizer_sites()]  # no quantizer before it
     assert not any(s.key.startswith("add") for s in sim.quantizer_sites()), [s.key for s in sim.quantizer_sites()]
+
+
+@pytest.mark.parametrize("y_scale, op", [(0.1, "GlobalAveragePool"), (1e-4, "ReduceMean")])
+def test_global_average_pool_only_where_ort_takes_the_scales(y_scale, op):
+    """ORT's integer global average pool needs 2**-32 <= x_scale / (y_scale * H * W) < 256: with
+    x_scale 1 and a 4x4 image, y_scale 0.1 gives 0.625 (pooled as an integer kernel), y_scale 1e-4
+    gives 625 (ORT refuses to run it: the mean stays a float ReduceMean, and the file runs)."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qat_plugin.export.rewrite import global_average_pools
+    from qat_plugin.export.verify import session
+
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "xs"), numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+             numpy_helper.from_array(np.array(y_scale, np.float32), "ys"), numpy_helper.from_array(np.array(0, np.uint8), "yz"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("ReduceMean", ["xd", "axes"], ["m"], keepdims=1),
+             helper.make_node("QuantizeLinear", ["m", "ys", "yz"], ["mq"]),
+             helper.make_node("DequantizeLinear", ["mq", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+                              value_info=[helper.make_tensor_value_info("xd", TensorProto.FLOAT, [1, 2, 4, 4])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10))
+    global_average_pools(model)
+    assert [n.op_type for n in model.graph if "Pool" in n.op_type or "Reduce" in n.op_type] == [op]
+    path = os.path.join(tempfile.mkdtemp(), "gap.onnx")
+    onnx.save(ir.to_proto(model), path)
+    x = np.random.default_rng(0).uniform(-3, 3, (1, 2, 4, 4)).astype(np.float32)
+    out = session(path).run(None, {"x": x})[0]  # optimized: Q/DQ fused into integer kernels where they can be
+    ref = np.clip(np.rint(np.rint(x).mean((2, 3), keepdims=True) / y_scale), 0, 255) * y_scale
+    assert np.abs(out - ref).max() <= y_scale + 1e-6  # within one output step of the exact mean

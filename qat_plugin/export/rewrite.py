@@ -250,10 +250,58 @@ def int32_biases(model: ir.Model, names: frozenset) -> None:
         node.replace_input_with(slot, out)
 
 
+def _gap_scale_ok(node: ir.Node, image_size: Optional[int]) -> bool:
+    """Whether ONNX Runtime's integer global average pool can take this node's Q/DQ scales.
+
+    Its kernel (MLAS) computes ``m = x_scale / (y_scale * image_size)`` and refuses to run
+    ("parameter out of computation range") unless ``2**-32 <= m < 256`` and the image has fewer
+    than 2**24 values: an untrained network whose pooled outputs are nearly constant gets a tiny
+    ``y_scale`` and fails there. Unknown scales or sizes count as fine."""
+    producer = node.inputs[0].producer()
+    consumers = [u for u, _ in node.outputs[0].uses()]
+    if producer is None or producer.op_type != "DequantizeLinear" or not consumers or image_size is None:
+        return True
+    x_scale = _const(producer.inputs[1])
+    y_scales = [_const(u.inputs[1]) for u in consumers if u.op_type == "QuantizeLinear"]
+    if x_scale is None or x_scale.size != 1 or len(y_scales) != len(consumers) or \
+            any(y is None or y.size != 1 for y in y_scales):
+        return True
+    for y_scale in y_scales:
+        m = np.float32(x_scale.reshape(())) / (np.float32(y_scale.reshape(())) * np.float32(image_size))
+        if image_size >= 2**24 or not 2.0**-32 <= m < 256.0:
+            return False
+    return True
+
+
+def _image_size(value: ir.Value) -> Optional[int]:
+    """The product of the spatial dimensions of an NCHW value, or None when one is not static."""
+    dims = list(value.shape)[2:] if value.shape is not None else []
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    return int(np.prod(dims))
+
+
 def global_average_pools(model: ir.Model) -> None:
     """``ReduceMean(axes=spatial, keepdims=1)`` on an NCHW tensor is ``GlobalAveragePool``, which
-    ONNX Runtime runs as an integer kernel between Q/DQ (ReduceMean has none)."""
-    for node in model.graph:
+    ONNX Runtime runs as an integer kernel between Q/DQ (ReduceMean has none). Where that kernel
+    cannot take the Q/DQ scales (see :func:`_gap_scale_ok`), the mean stays a ``ReduceMean``
+    (run in float), and an exporter's ``GlobalAveragePool`` becomes one."""
+    opset = model.opset_imports.get("", 0)
+    for node in list(model.graph):
+        if node.op_type == "GlobalAveragePool" and node.domain in ("", "ai.onnx") and node.inputs[0].shape is not None:
+            rank = len(node.inputs[0].shape)
+            if rank >= 3 and not _gap_scale_ok(node, _image_size(node.inputs[0])):
+                axes = list(range(2, rank))
+                node.op_type = "ReduceMean"
+                if opset >= 18:
+                    name = _Names(model.graph)(f"{node.name}_axes")
+                    value = _initializer(model.graph, _Names(model.graph), np.array(axes, np.int64), name)
+                    node.resize_inputs(2)
+                    node.replace_input_with(1, value)
+                else:
+                    node.attributes["axes"] = ir.AttrInt64s("axes", axes)
+                node.attributes["keepdims"] = ir.AttrInt64("keepdims", 1)
+            continue
         if node.op_type != "ReduceMean" or node.inputs[0].shape is None:
             continue
         rank = len(node.inputs[0].shape)
@@ -264,6 +312,8 @@ def global_average_pools(model: ir.Model) -> None:
         if axes is None or _attr(node, "keepdims", 1) != 1 or rank < 3:
             continue
         if sorted(a % rank for a in axes) != list(range(2, rank)):
+            continue
+        if not _gap_scale_ok(node, _image_size(node.inputs[0])):
             continue
         node.op_type = "GlobalAveragePool"
         node.resize_inputs(1)
