@@ -73,6 +73,7 @@ from .analysis import (GROUPINGS, EvalCallback, ForwardPassCallback, Sensitivity
                        figure_classes, layer_groups, quantize_only, site_sqnr)
 from .config import check_exportable_bitwidth
 from .errors import QuantConfigError, did_you_mean
+from .dist import collective_device, world
 
 PHASE1 = ("eval", "sqnr")
 
@@ -605,19 +606,6 @@ def plot_pareto(result: MixedPrecisionResult, path: str, *, budget_size: Optiona
 
 
 # ---- inside a Lightning fit: QuantizationAwareTraining(mixed_precision=...) ---------------------
-def _world():
-    """``torch.distributed`` when a process group with more than one rank is running, else ``None``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
-
-
-def _collective_device(dist) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def _run(model: nn.Module, x: Any) -> Any:
     return model(*x) if isinstance(x, (tuple, list)) else model(x)
 
@@ -665,9 +653,9 @@ def output_agreement_score(sim, inputs: Sequence[Any]) -> EvalCallback:
                 for p, q in zip(ref, _log_probs(_run(model, x))):
                     total[0] += F.kl_div(q, p, log_target=True, reduction="sum").cpu()
                     total[1] += p.shape[0]
-        dist = _world()
+        dist = world()
         if dist is not None:  # every rank: the score of all ranks' batches
-            t = total.to(_collective_device(dist))
+            t = total.to(collective_device(dist))
             dist.all_reduce(t)
             total = t.cpu()
         return -100.0 * float(total[0] / total[1])
@@ -779,7 +767,7 @@ def search_on_batches(sim, inputs: Sequence[Any], config: MixedPrecisionConfig, 
         for x in inputs:
             _run(model, x)
 
-    dist = _world()
+    dist = world()
     model = sim.model
     was_training = model.training
     model.eval()
@@ -794,7 +782,7 @@ def search_on_batches(sim, inputs: Sequence[Any], config: MixedPrecisionConfig, 
             mine = {s.key: s.bitwidth for s in sim.quantizer_sites()}
             chosen = [mine]
             dist.broadcast_object_list(chosen, src=0)
-            differs = torch.tensor([float(chosen[0] != mine)], device=_collective_device(dist))
+            differs = torch.tensor([float(chosen[0] != mine)], device=collective_device(dist))
             dist.all_reduce(differs, op=dist.ReduceOp.MAX)
             if differs.item() > 0:  # collective: every rank calibrates again
                 if chosen[0] != mine:

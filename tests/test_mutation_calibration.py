@@ -413,7 +413,7 @@ class _ThreadGroup:
 @pytest.fixture
 def group(monkeypatch):
     g = _ThreadGroup(3)
-    monkeypatch.setattr(observers, "_world", lambda: g)
+    monkeypatch.setattr(observers, "world", lambda: g)
     return g
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..errors import CalibrationError
+from ..dist import collective_device, world
 
 
 def _channels_first(x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
@@ -164,18 +165,6 @@ class HistogramObserver:
         self.nonfinite = int(state["nonfinite"])
 
 
-def _world():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
-
-
-def _collective_device(dist) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def all_reduce_observer(observer) -> None:
     """Merge an observer's statistics across DDP ranks, in place, so that every rank ends with
     identical statistics (and so bit-identical encodings). A no-op without a process group.
@@ -186,11 +175,11 @@ def all_reduce_observer(observer) -> None:
     empty on every rank. The non-finite counts are summed. Every rank must call this for the
     same observers in the same order.
     """
-    dist = _world()
+    dist = world()
     if dist is None:
         return
     mine = observer.min if isinstance(observer, MinMaxObserver) else (observer.hist.lo if observer.hist else None)
-    device = mine.device if mine is not None else _collective_device(dist)
+    device = mine.device if mine is not None else collective_device(dist)
     # channel count (0 on a rank without data) and non-finite count, in one collective
     head = torch.tensor([0 if mine is None else mine.numel(), observer.nonfinite], dtype=torch.float64, device=device)
     sums = head.clone()

@@ -44,15 +44,6 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def distributed():
-    """``torch.distributed`` when a process group with more than one rank is running, else ``None``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
-
-
 def check_calibrated(sim, tool: str) -> None:
     missing = [k for k, q in sim.quantizers().items() if q.enabled and not q.is_initialized()]
     if missing:

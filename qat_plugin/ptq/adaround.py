@@ -47,7 +47,8 @@ from torch import nn
 from ..encoding import num_steps
 from ..errors import QuantConfigError, did_you_mean
 from ..modules import QuantizedConv2d, QuantizedLinear
-from ._common import (check_calibrated, device_of, distributed, eval_mode, float_mode, recompute_activation_encodings,
+from ..dist import world
+from ._common import (check_calibrated, device_of, eval_mode, float_mode, recompute_activation_encodings,
                       run, take_batches, weighted_layers)
 
 ZETA, GAMMA = 1.1, -0.1
@@ -421,7 +422,7 @@ def apply_adaround(sim, data: Iterable[Any], num_batches: Optional[int] = None, 
         used += need
     if current:
         groups.append(current)
-    dist = distributed()
+    dist = world()
     lead = dist is None or dist.get_rank() == 0
     learn = todo if lead else []  # under DDP rank 0 learns and broadcasts (the other ranks wait)
     if not lead:

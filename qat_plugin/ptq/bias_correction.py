@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..modules import QuantizedLinear
-from ._common import check_calibrated, device_of, distributed, eval_mode, run, take_batches, weighted_layers
+from ..dist import world
+from ._common import check_calibrated, device_of, eval_mode, run, take_batches, weighted_layers
 
 
 def _channel_sum(layer: nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -92,7 +93,7 @@ def correct_bias(sim, data: Iterable[Any], num_batches: Optional[int] = None, *,
     finally:
         for h in handles:
             h.remove()
-    dist = distributed()
+    dist = world()
     if dist is not None:  # the mean over every rank's data, the same shift on every rank
         for _, name, layer in layers:
             total = sums.get(name)
