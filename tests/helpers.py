@@ -1,4 +1,5 @@
 """Helpers shared by several test modules (import as ``from helpers import ...``)."""
+import torch
 from torch import nn
 
 
@@ -21,3 +22,15 @@ def randomize_bn(model):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.5, 0.5)
     return model
+
+
+class ConvFc(nn.Module):
+    """A conv, a ReLU and a linear layer on 1x8x8 inputs: the smallest net with weight, output and
+    input quantizers (the annealing tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))

@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 from qat_plugin import QuantSimModel
 from qat_plugin.annealing import AnnealingConfig, EncodingAnnealer
@@ -13,21 +12,14 @@ from qat_plugin.calibration import HistogramObserver, MinMaxObserver
 from qat_plugin.calibration.observers import all_reduce_observer
 from qat_plugin.errors import CalibrationError, QuantConfigError
 
+from helpers import ConvFc
+
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
-
-
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(64, 3)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
 def _sim():
     torch.manual_seed(0)
-    model = _Net()
+    model = ConvFc()
     x = torch.randn(8, 1, 4, 4)
     sim = QuantSimModel(model, x[:2], quant_scheme="tf")
     sim.compute_encodings(lambda m, _: m(x))

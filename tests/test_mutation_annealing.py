@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from qat_plugin import QuantSimModel
 from qat_plugin.annealing import SCHEDULES, AnnealingConfig, EncodingAnnealer
@@ -15,22 +14,15 @@ from qat_plugin.calibration.range_setting import encoding_sqnr, sqnr_search
 from qat_plugin.encoding import Encoding
 from qat_plugin.errors import QuantConfigError
 
+from helpers import ConvFc
+
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
-
-
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(64, 3)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
 def _sim(learnable=False):
     torch.manual_seed(0)
     x = torch.randn(8, 1, 4, 4)
-    sim = QuantSimModel(_Net(), x[:2], quant_scheme="tf", learnable=learnable)
+    sim = QuantSimModel(ConvFc(), x[:2], quant_scheme="tf", learnable=learnable)
     sim.compute_encodings(lambda m, _: m(x))
     return sim, x
 
