@@ -74,19 +74,14 @@ def set_residual_stream_precision(sim, output_bw: int = 16) -> list[str]:
     keys = residual_stream_sites(sim)
     for key in keys:
         sim.set_precision(key, output_bw=output_bw)
-    gm = sim.model
-    modules = dict(gm.named_modules())
-    sums = {name for s in sim.quantizer_sites() if s.key in keys for name in s.nodes}
+    modules = dict(sim.model.named_modules())
+    adds = {n.name for n in sim.model.graph.nodes if op_type_of(n, modules) == "Add"}
+    sums = {name for s in sim.quantizer_sites() if s.key in keys for name in s.nodes} & adds
     for site in list(sim.quantizer_sites()):
         if site.kind == "param" or site.key in keys or len(site.nodes) != 1:
             continue
-        qnode = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == f"quantizers.{site.key}"), None)
-        if qnode is None:
-            continue
-        fan_out = list(qnode.users)
-        while len(fan_out) == 1 and op_type_of(fan_out[0], modules) in ("Dropout", "Identity"):
-            fan_out = list(fan_out[0].users)  # split_site moves the quantizer past them
-        into_sums = [u.name for u in fan_out if op_type_of(u, modules) == "Add" and u.name in sums]
+        fan_out = sim.site_consumers(site.key)
+        into_sums = [name for name in fan_out if name in sums]
         if into_sums and len(into_sums) < len(fan_out):
             keys.append(sim.split_site(site.key, into_sums, output_bw=output_bw))
     return keys

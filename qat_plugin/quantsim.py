@@ -37,6 +37,16 @@ def _as_args(dummy_input: Any) -> tuple:
     return tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
 
 
+def _twin(old: QuantizeDequantize, bitwidth: int, name: str) -> QuantizeDequantize:
+    """A new quantizer like ``old`` (symmetry, channel axis, learnability, per-sample gradient
+    scale, enabled and train flags, device) at ``bitwidth``, without an encoding."""
+    q = QuantizeDequantize(tuple(old.scale.shape), bitwidth, old.symmetric, old.axis, old.learnable, name=name,
+                           per_sample=old.per_sample).to(old.scale.device)
+    q.enabled = old.enabled
+    q.train(old.training)
+    return q
+
+
 def check_bitwidth(name: str, value: Any) -> int:
     """``value`` if it is a bitwidth the simulation can run (an int in [2, 16]), else
     :class:`QuantConfigError`. (What ONNX can export is narrower: see ``check_exportable_bitwidth``.)"""
@@ -218,10 +228,7 @@ class QuantSimModel:
                 bias_users.setdefault(s.bias_from, []).append(s.module)
         for key in changed:
             old, site = self._quantizers[key], self._site(key)
-            q = QuantizeDequantize(tuple(old.scale.shape), bitwidths[key], old.symmetric, old.axis,
-                                   old.learnable, name=old.name, per_sample=old.per_sample).to(old.scale.device)
-            q.enabled = old.enabled
-            q.train(old.training)
+            q = _twin(old, bitwidths[key], old.name)
             if site.module is not None:
                 self.model.get_submodule(site.module).param_quantizers["weight"] = q
             else:
@@ -274,10 +281,11 @@ class QuantSimModel:
         if output_bw is not None:
             check_exportable_bitwidth("output_bw", output_bw)
         graph = self.model.graph
-        qnode = next(n for n in graph.nodes if n.op == "call_module" and n.target == f"quantizers.{key}")
+        qnode = self._quantizer_node(key)
         consumers = list(dict.fromkeys(consumers))
-        hoisted = self._hoist_past_identities(qnode, consumers)
-        users = [u.name for u in qnode.users]
+        direct = list(qnode.users)
+        chain, fan_out = ([], direct) if set(consumers) <= {u.name for u in direct} else self._fan_out(qnode)
+        users = [u.name for u in fan_out]
         strangers = [c for c in consumers if c not in users]
         if strangers or not consumers:
             raise QuantConfigError(f"split_site: {strangers or 'no consumers'} are not users of '{key}'; its users "
@@ -285,16 +293,14 @@ class QuantSimModel:
         if len(consumers) == len(users):
             raise QuantConfigError(f"split_site: that moves every user of '{key}'; use set_precision('{key}', "
                                    "output_bw=...) instead")
+        hoisted = self._hoist(qnode, chain)  # checked: now the graph changes
         new_key, i = f"{key}_to_{consumers[0]}", 0
         while new_key in self._quantizers:
             i += 1
             new_key = f"{key}_to_{consumers[0]}_{i}"
         old = self._quantizers[key]
         bits = old.bitwidth if output_bw is None else output_bw
-        q = QuantizeDequantize(tuple(old.scale.shape), bits, old.symmetric, old.axis, old.learnable, name=new_key,
-                               per_sample=old.per_sample).to(old.scale.device)
-        q.enabled = old.enabled
-        q.train(old.training)
+        q = _twin(old, bits, new_key)
         self.model.get_submodule("quantizers")[new_key] = q
         with graph.inserting_after(qnode):
             new_node = graph.call_module(f"quantizers.{new_key}", (qnode.args[0],))
@@ -305,10 +311,11 @@ class QuantSimModel:
         self.model.recompile()
         moved = set(consumers)
         passthrough = []
+        by_name = {n.name: n for n in graph.nodes}
         for node_name, k in self.plan.passthrough:  # encodings repeated after value-preserving consumers
             if node_name in hoisted:  # now before the quantizer: nothing to repeat
                 continue
-            node = next((n for n in graph.nodes if n.name == node_name), None)
+            node = by_name.get(node_name)
             if k == key and (node_name in moved or (node is not None and {a.name for a in node.all_input_nodes} & moved)):
                 moved.add(node_name)
                 k = new_key
@@ -332,27 +339,40 @@ class QuantSimModel:
                           "compute_encodings again before using the sim", stacklevel=2)
         return new_key
 
-    def _hoist_past_identities(self, qnode, consumers: Sequence[str]) -> set[str]:
-        """When ``consumers`` read the quantized value through Dropout / Identity (BERT's
-        embeddings: LayerNorm -> quantizer -> Dropout -> {Linear layers, residual sum}), move the
-        quantizer after them so that the fan-out is its own; returns the names of the moved-past
-        nodes. Those ops pass values through at inference (the export drops them); in training,
-        the quantizer then sees dropout's scaled values, and both branches share one mask."""
+    def site_consumers(self, key: str) -> list[str]:
+        """Names of the graph nodes that read activation site ``key``'s quantized value, looking
+        past Dropout / Identity (which :meth:`split_site` moves the quantizer past)."""
+        qnode = self._quantizer_node(key)
+        return [] if qnode is None else [u.name for u in self._fan_out(qnode)[1]]
+
+    def _quantizer_node(self, key: str):
+        return next((n for n in self.model.graph.nodes if n.op == "call_module" and n.target == f"quantizers.{key}"),
+                    None)
+
+    def _fan_out(self, qnode) -> tuple[list, list]:
+        """(the Dropout / Identity chain right after ``qnode``, each its only reader's only user;
+        the nodes reading the end of that chain)."""
         modules = dict(self.model.named_modules())
-        hoisted: set[str] = set()
-        while True:
-            users = list(qnode.users)
-            if all(c in {u.name for u in users} for c in consumers) or len(users) != 1:
-                return hoisted
-            op = users[0]
-            if op_type_of(op, modules) not in ("Dropout", "Identity") or op.args[:1] != (qnode,):
-                return hoisted
+        chain, users = [], list(qnode.users)
+        while len(users) == 1 and op_type_of(users[0], modules) in ("Dropout", "Identity") \
+                and users[0].args[:1] == ((chain[-1] if chain else qnode),):
+            chain.append(users[0])
+            users = list(users[0].users)
+        return chain, users
+
+    @staticmethod
+    def _hoist(qnode, chain: list) -> set[str]:
+        """Move ``qnode`` after ``chain`` (BERT's embeddings: LayerNorm -> quantizer -> Dropout ->
+        {Linear layers, residual sum}) so that the fan-out is its own; returns the names moved
+        past. Those ops pass values through at inference (the export drops them); in training,
+        the quantizer then sees dropout's scaled values, and both branches share one mask."""
+        for op in chain:
             op.replace_input_with(qnode, qnode.args[0])
             for u in list(op.users):
                 u.replace_input_with(op, qnode)
             qnode.args = (op,)
             op.append(qnode)
-            hoisted.add(op.name)
+        return {op.name for op in chain}
 
     def match_sites(self, target: str) -> list[QuantizerSite]:
         """The sites ``target`` names (see :meth:`set_precision`), in graph order; an error

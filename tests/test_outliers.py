@@ -101,6 +101,10 @@ class DropoutBlock(PostNormBlock):
 
 def test_split_site_moves_the_quantizer_past_dropout_to_reach_the_fan_out():
     sim = QuantSimModel(DropoutBlock().eval(), data(0, 2), quant_scheme="tf")
+    with pytest.raises(QuantConfigError, match=r"its users are \['fc', 'add'\]"):
+        sim.split_site("norm_output", ["fc2"])  # checked before the quantizer moves: nothing changed
+    assert {n.name: n for n in sim.model.graph.nodes}["drop"].args[0].target == "quantizers.norm_output"
+    assert sim.site_consumers("norm_output") == ["fc", "add"]
     new = sim.split_site("norm_output", ["add"], output_bw=16)
     nodes = {n.name: n for n in sim.model.graph.nodes}
     assert nodes["drop"].args[0].name == "norm"  # the dropout reads the float LayerNorm output...

@@ -294,8 +294,7 @@ def global_average_pools(model: ir.Model) -> None:
                 axes = list(range(2, rank))
                 node.op_type = "ReduceMean"
                 if opset >= 18:
-                    name = _Names(model.graph)(f"{node.name}_axes")
-                    value = _initializer(model.graph, _Names(model.graph), np.array(axes, np.int64), name)
+                    value = _initializer(model.graph, _Names(model.graph), np.array(axes, np.int64), f"{node.name}_axes")
                     node.resize_inputs(2)
                     node.replace_input_with(1, value)
                 else:
@@ -326,7 +325,3 @@ def finish(model: ir.Model) -> onnx.ModelProto:
     ir_passes.RemoveUnusedNodesPass()(model)
     ir_passes.ClearMetadataAndDocStringPass()(model)
     return ir.to_proto(model)
-
-
-def to_ir(model: Union[ir.Model, onnx.ModelProto]) -> ir.Model:
-    return ir.from_proto(model) if isinstance(model, onnx.ModelProto) else model
