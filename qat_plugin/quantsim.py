@@ -444,9 +444,10 @@ class QuantSimModel:
         activation quantizer observing (values pass through unchanged), then set all
         encodings at once. Weight encodings come from the weights. Under DDP the statistics
         are all-reduced first, so every rank holds identical encodings. On any error (NaN/Inf
-        in the data, a failing callback) no encoding changes."""
+        in the data, a failing callback) no encoding changes. A disabled activation quantizer
+        sees no data and keeps the encoding it had (none, if it never had one)."""
         params = {k: q for k, q in self._quantizers.items() if self._site(k).kind == "param"}
-        acts = {k: q for k, q in self._quantizers.items() if k not in params}
+        acts = {k: q for k, q in self._quantizers.items() if k not in params and q.enabled}
         snapshot = {k: {n: t.clone() for n, t in q.state_dict().items()} for k, q in self._quantizers.items()}
         try:
             # Weights first, so that activations are observed behind the quantized weights.

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import onnx
 import onnx_ir as ir
+import onnxscript.optimizer
 import torch
 from torch import nn
 
@@ -52,8 +53,6 @@ def _(x, scale, zero_point, axis, qmin, qmax):
 
 
 def _translation(opset: int):
-    import onnxscript
-
     op = getattr(onnxscript, f"opset{min(opset, 21 if hasattr(onnxscript, 'opset21') else 18)}")
 
     def qdq(x, scale, zero_point, axis: int, qmin: int, qmax: int):
@@ -160,6 +159,7 @@ def _export_copy(sim, quantized: bool) -> nn.Module:
 
 def _torch_export(module: nn.Module, args: tuple, opset: int, dynamic_batch: bool, quantized: bool,
                   input_names, output_names) -> ir.Model:
+    """The exporter's graph with constants folded but not yet optimized (see :func:`_optimize`)."""
     if dynamic_batch and all(isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == 1 for a in args):
         args = tuple(torch.cat([a, a]) for a in args)  # a batch of 1 would be specialized away
     dynamic = None
@@ -170,9 +170,19 @@ def _torch_export(module: nn.Module, args: tuple, opset: int, dynamic_batch: boo
     with contextlib.redirect_stdout(io.StringIO()):
         program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
                                     custom_translation_table=_translation(opset) if quantized else None,
-                                    input_names=input_names, output_names=output_names, verbose=False)
+                                    input_names=input_names, output_names=output_names, verbose=False,
+                                    optimize=False)
     model = program.model  # an onnx_ir.Model with onnxscript >= 0.3; older ones have their own IR class
-    return model if isinstance(model, ir.Model) else ir.from_proto(program.model_proto)
+    model = model if isinstance(model, ir.Model) else ir.from_proto(program.model_proto)
+    onnxscript.optimizer.fold_constants(model)  # a weight computed from parameters becomes an initializer
+    return model
+
+
+def _optimize(model: ir.Model) -> None:
+    """The exporter's own optimization, run after :func:`.rewrite.fold_weight_quantizers`: it merges
+    initializers of equal content (two quantizers on one grid, cloned layers), which would hide
+    which quantizer a scale belongs to, and eliminates common subexpressions."""
+    onnxscript.optimizer.optimize(model)
 
 
 def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input: Any,
@@ -204,6 +214,10 @@ def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input:
                       if sim.plan.site(k).module is not None and sim.plan.site(k).bias_from is not None
                       and sim.quantizers()[sim.plan.site(k).bias_from].enabled)
     tensor_sites = fold_weight_quantizers(model, site_of_scale, param_keys=params)
+    _optimize(model)
+    values = {v.name for v in model.graph.inputs} | {v.name for n in model.graph for v in n.outputs}
+    # an activation computed twice (cloned layers on one input) is computed once now: its second name is gone
+    tensor_sites = {t: k for t, k in tensor_sites.items() if t in values or sim.plan.site(k).kind == "param"}
     fold_zero_pads(model)
     int32_biases(model, int32)
     global_average_pools(model)
@@ -223,8 +237,9 @@ def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input:
 
     fp32_path = None
     if export_fp32:
-        fp32 = finish(_torch_export(_export_copy(sim, False), args, opset, dynamic_batch, False, input_names,
-                                    output_names))
+        fp32 = _torch_export(_export_copy(sim, False), args, opset, dynamic_batch, False, input_names, output_names)
+        _optimize(fp32)
+        fp32 = finish(fp32)
         fp32_path = os.path.join(os.fspath(path), f"{filename_prefix}_fp32.onnx")
         onnx.save(fp32, fp32_path)
     return ExportResult(onnx_path, enc_path, fp32_path, opset, tensor_sites)

@@ -237,10 +237,10 @@ def int32_biases(model: ir.Model, names: frozenset) -> None:
         bias = _const(bias_value).astype(np.float32)
         if bias.ndim != 1 or (s_w.ndim and s_w.shape[0] != bias.shape[0]):
             continue
-        _, bias_scale = int32_bias_grid(torch.from_numpy(bias), torch.from_numpy(np.asarray(s_in, np.float32)),
-                                        torch.from_numpy(np.asarray(s_w, np.float32)))
+        _, bias_scale = int32_bias_grid(torch.from_numpy(bias), torch.from_numpy(np.array(s_in, np.float32)),
+                                        torch.from_numpy(np.array(s_w, np.float32)))
         bias_scale = bias_scale.numpy().astype(np.float32) * np.ones_like(bias, dtype=np.float32)
-        q = np.clip(np.rint(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
+        q = np.rint(bias / bias_scale).astype(np.int32)  # |q| <= 2**30: the grid raised the scale where needed
         qvalue = _initializer(graph, fresh, q, f"{bias_value.name}_quantized")
         svalue = _initializer(graph, fresh, bias_scale, f"{bias_value.name}_scale")
         out = ir.Value(name=fresh(f"{bias_value.name}_dequantized_{node.name}"))
