@@ -5,6 +5,7 @@ passthrough, 4-bit weights, a split site at 16 bits, Conv / Gemm / MatMul+Add in
 global average pool); one token net has integer inputs, a batch-1 dummy, a disabled weight
 quantizer and one never calibrated. The checks read the files, ONNX Runtime runs them against
 the simulation, and the simulation itself must come out of the export untouched."""
+import copy
 import json
 import os
 import warnings
@@ -355,7 +356,7 @@ def test_disabled_quantizers_leave_float_and_need_no_encoding(token_export):
     assert len(float_weights) == 1  # fc2's, transposed by the exporter
     assert inits["fc1.weight_quantized"].data_type == TYPES.INT8
     data = json.load(open(res.encodings_path))
-    assert set(data["param_encodings"]) == {"fc1.weight"}
+    assert set(data["param_encodings"]) == {"emb.weight", "fc1.weight"}
 
 
 def test_uncalibrated_export_names_the_count_and_a_site(tmp_path):
@@ -374,3 +375,36 @@ def test_a_bitwidth_onnx_cannot_express_is_refused(tmp_path):
                                                r"4-bit and 16-bit grids \(opset 21 and later\) and 8-bit grids only"):
         sim.export(tmp_path, "t", tokens(0, 1, 5))
     assert not os.listdir(tmp_path)
+
+
+# ---- layers with equal weights ------------------------------------------------------------------
+class Clones(nn.Module):
+    """Two deep-copied layers, as an untrained ``nn.TransformerEncoder`` has: equal weights and, on
+    one input, equal outputs and encodings."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = copy.deepcopy(self.a)
+        self.c = copy.deepcopy(self.a)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) + self.c(torch.relu(x))
+
+
+def test_layers_with_equal_weights_export(tmp_path):
+    """The exporter's optimizer merges initializers of equal content; before the weights were folded
+    first, the second layer's weight site was lost ('did not become integer initializers')."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    sim = calibrate(QuantSimModel(Clones().eval(), x[:2]), x)
+    res = sim.export(tmp_path, "clones", x[:1])
+    params = {k for k in res.tensor_sites.values() if sim.plan.site(k).kind == "param"}
+    assert params == {"a.weight", "b.weight", "c.weight"}
+    assert set(load_encodings(res.encodings_path).param_encodings) == {"a.weight", "b.weight", "c.weight"}
+    # a(x) and b(x) are one computation in the file now; c(relu(x)) is another
+    model = onnx.load(res.onnx_path)
+    assert sum(n.op_type in ("Gemm", "MatMul") for n in model.graph.node) == 2
+    assert not [t for t in model.graph.initializer if t.data_type == TYPES.FLOAT and t.dims == [8, 8]]
+    with torch.no_grad():
+        expected = sim.model(x).numpy()
+    np.testing.assert_allclose(ort(res.onnx_path, x), expected, rtol=0, atol=1e-6)

@@ -96,6 +96,23 @@ def test_failing_callback_leaves_sim_uncalibrated():
     assert not any(q.is_initialized() for q in sim.quantizers().values())
 
 
+def test_disabled_activation_quantizers_are_skipped_by_calibration():
+    """A quantizer disabled before compute_encodings sees no data: it keeps the encoding it had
+    (here none) instead of failing with 'saw no data'; enabled again, it asks for calibration."""
+    sim = QuantSimModel(small(), X)
+    off = next(k for k, s in ((s.key, s) for s in sim.quantizer_sites()) if s.kind != "param")
+    sim.quantizers()[off].enabled = False
+    calibrate(sim, X)
+    assert not sim.quantizers()[off].is_initialized()
+    assert all(q.is_initialized() for k, q in sim.quantizers().items() if k != off)
+    sim.model(X)  # runs with that site in float
+    sim.quantizers()[off].enabled = True
+    with pytest.raises(NotCalibratedError, match=off):
+        sim.model(X)
+    calibrate(sim, X)  # and a later calibration gives it one
+    assert sim.quantizers()[off].is_initialized()
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()

@@ -361,3 +361,22 @@ def test_callback_fits_and_resumes_a_transformer_with_learned_ranges(tmp_path):
     assert a.keys() == b.keys()
     diff = {k: float((a[k].float() - b[k].float()).abs().max()) for k in a}
     assert max(diff.values()) == 0.0, {k: v for k, v in diff.items() if v}
+
+
+def test_an_untrained_torch_transformer_encoder_exports_and_matches(tmp_path):
+    """nn.TransformerEncoder deep-copies its layer, so untrained its layers have equal weights; the
+    exporter's optimizer merged their initializers and the export failed ('did not become integer
+    initializers') until the weights were folded before that optimizer ran."""
+    from qat_plugin.export import verify
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(32, 6, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = calibrate(QuantSimModel(model, x[:2]), x)
+        res = sim.export(tmp_path, "encoder", x[:2])
+    report = verify(res.onnx_path, sim, torch.randn(16, 6, 16))
+    assert report.sqnr_db == float("inf"), str(report)  # measured: bit-exact
+    assert len({k for k in res.tensor_sites.values() if sim.plan.site(k).kind == "param"}) == 8
