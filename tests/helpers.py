@@ -1,4 +1,6 @@
 """Helpers shared by several test modules (import as ``from helpers import ...``)."""
+import os
+
 import torch
 from torch import nn
 
@@ -34,3 +36,11 @@ class ConvFc(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def once_per_module(fixture_name, config):
+    """Scope of the fixtures that export a model: once per module, except under mutmut's stats
+    run (``MUTANT_UNDER_TEST=stats``), where mutmut records which functions each test calls: a
+    module-scoped fixture runs inside the first test only, and every later test using it would be
+    recorded as calling nothing, so no mutant of the export would run it."""
+    return "function" if os.environ.get("MUTANT_UNDER_TEST") == "stats" else "module"

@@ -14,7 +14,7 @@ from torch import nn
 from qat_plugin import QuantSimModel
 from qat_plugin.encoding import INT32_BIAS_LIMIT, int32_bias_grid
 from qat_plugin.export.verify import session
-from helpers import calibrate
+from helpers import calibrate, once_per_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*left in float.*")
 
@@ -39,7 +39,7 @@ class TinyInputNet(nn.Module):
         return self.fc(F.relu(self.conv(x)).flatten(1))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=once_per_module)
 def tiny_input_export(tmp_path_factory):
     torch.manual_seed(0)
     model = TinyInputNet().eval()
@@ -192,7 +192,7 @@ def test_fold_zero_pads_sees_torch_export_pads():
     assert len(sim.plan.pad_folds) == 2, sim.plan.pad_folds
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=once_per_module)
 def tf_pads_export(tmp_path_factory):
     torch.manual_seed(0)
     net = TFPads().eval()

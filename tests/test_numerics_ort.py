@@ -18,7 +18,7 @@ from torch import nn
 
 from qat_plugin import QuantizeDequantize, QuantSimModel
 from qat_plugin.encoding import Encoding, num_steps
-from helpers import calibrate, randomize_bn
+from helpers import calibrate, randomize_bn, once_per_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*left in float.*")
 
@@ -188,7 +188,7 @@ def _exported_integers(res):
     return out
 
 
-@pytest.fixture(scope="module", params=["static", pytest.param("simulated", marks=pytest.mark.slow)])
+@pytest.fixture(scope=once_per_module, params=["static", pytest.param("simulated", marks=pytest.mark.slow)])
 def exported_conv_bn(request, tmp_path_factory):
     torch.manual_seed(0)
     model = randomize_bn(ConvBnLinear()).eval()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import calibrate
+from helpers import calibrate, once_per_module
 from qat_plugin import QuantSimModel, UnsupportedModelError
 from qat_plugin.export.verify import optimized_graph_stats, session
 
@@ -40,7 +40,7 @@ def token_batch(b, s, seed):
     return ids, mask
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=once_per_module)
 def bert_sim():
     model = tiny_bert()
     sim = QuantSimModel(model, token_batch(2, 16, 0), quant_scheme="tf")
@@ -48,7 +48,7 @@ def bert_sim():
     return model, sim
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=once_per_module)
 def bert_onnx(bert_sim, tmp_path_factory):
     _, sim = bert_sim
     return sim.export(tmp_path_factory.mktemp("bert"), "bert", token_batch(2, 16, 0)).onnx_path

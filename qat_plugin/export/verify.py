@@ -106,10 +106,15 @@ class VerifyReport:
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def session(path: str, optimize: bool = True, threads: Optional[int] = None, optimized_path: Optional[str] = None):
+def session(path: str, optimize: bool = True, threads: Optional[int] = None, optimized_path: Optional[str] = None,
+            *, config: Optional[dict[str, str]] = None):
+    """A CPU ONNX Runtime session; ``config`` adds session config entries, e.g.
+    ``{"session.qdq_matmulnbits_accuracy_level": "1"}`` (see the README's export section)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if optimized_path:
