@@ -256,3 +256,29 @@ def test_tensorrt_fuses_conv_add_relu():
     # conv2 -> add -> relu is one group; conv1's output still quantized as the add's other input
     assert [o for k, o, _ in sites(sim, "output")] == ["Conv", "Conv+Add+Relu"]
     assert all(s.symmetric for s in sim.quantizer_sites())
+
+
+class EmbeddingReaders(nn.Module):
+    """An embedding read by a Linear and by a sum; another one read by the sum only (BERT's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos, self.fc = nn.Embedding(10, 4), nn.Embedding(6, 4), nn.Linear(4, 4)
+
+    def forward(self, ids, positions):
+        e = self.emb(ids)
+        return self.fc(e) + e + self.pos(positions)
+
+
+def test_an_embedding_read_by_a_layer_is_quantized_for_that_layer_only():
+    """A table's rows are each on their own grid (per-row weights): a Linear computing with them
+    needs one grid, as an integer MatMul in the runtime does; a sum requantizes by itself."""
+    ids, positions = torch.randint(0, 10, (2, 6)), torch.arange(6).expand(2, 6)
+    sim = calibrate(QuantSimModel(EmbeddingReaders(), (ids, positions)), (ids, positions))
+    site = sim.plan.site("emb_output")
+    assert (site.kind, site.op, site.consumers) == ("output", "Gather", ("fc",))
+    assert not [s for s in sim.quantizer_sites() if s.key.startswith("pos") and s.kind != "param"]
+    assert sim.plan.site("fc.weight").bias_from == "emb_output"  # and the Linear's bias is int32
+    nodes = {n.name: n for n in sim.model.graph.nodes}
+    assert nodes["fc"].args[0].target == "quantizers.emb_output"
+    assert nodes["add"].args[1].name == "emb"  # the sum reads the rows themselves

@@ -372,10 +372,13 @@ class Lookup(nn.Module):
         return self.fc(self.emb(ids))
 
 
-def test_an_embedding_has_a_weight_site_and_no_bias():
+def test_an_embedding_read_by_a_layer_gets_a_site_for_it():
     plan = _plan(Lookup(), (torch.tensor([[1, 2, 3]]),))
-    # the lookup's output is on the table's grid (Gather is value-preserving): no site, so no int32 bias for fc
-    assert [(s.key, s.bias_from) for s in plan.sites] == [("emb.weight", None), ("fc.weight", None), ("fc_output", None)]
+    # the lookup's rows are on the table's per-row grids; fc needs them on one grid (an integer MatMul
+    # in the runtime), so they get a site for fc, which then has an int32 bias on it
+    assert [(s.key, s.bias_from) for s in plan.sites] == [
+        ("emb.weight", None), ("emb_output", None), ("fc.weight", "emb_output"), ("fc_output", None)]
+    assert plan.site("emb_output").consumers == ("fc",)
 
 
 class KeywordWeights(nn.Module):

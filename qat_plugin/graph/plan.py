@@ -419,6 +419,12 @@ def place_sites(g: _PlanGraph, config: RuntimeConfig, folds: dict[fx.Node, fx.No
                 walk.passthrough.append((n.name, source[n]))
             if source[n] is None and any(a in float_region for a in _tensor_inputs(n)):
                 float_site(n, kind)
+            elif source[n] is None and t == "Gather" and kind == "float":
+                # rows of an embedding table, each on its own grid: a layer computing with them
+                # directly needs them on one grid, which the runtime quantizes them to
+                readers = tuple(u.name for u in n.users if types.get(u) in _WEIGHTED)
+                if readers:
+                    source[n] = act_site(f"{n.name}_output", "output", n, t, describe(n), t, readers)
             continue
         if eff_type == "Concat" and config.rule("Concat").shared_encoding:
             ins = [source.get(a) for a in _tensor_inputs(n) if a.op != "get_attr"]
@@ -434,6 +440,10 @@ def place_sites(g: _PlanGraph, config: RuntimeConfig, folds: dict[fx.Node, fx.No
         v = conv_of.get(n, n)
         source[n] = act_site(f"{v.name}_output", "output", v, op_name, where, eff_type)
     return walk
+
+
+#: ops that compute with an activation input in integers when it is on one grid
+_WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 def _data_source(n: fx.Node, source: dict[fx.Node, Optional[str]]) -> Optional[str]:
