@@ -5,7 +5,9 @@ passthrough, 4-bit weights, a split site at 16 bits, Conv / Gemm / MatMul+Add in
 global average pool); one token net has integer inputs, a batch-1 dummy, a disabled weight
 quantizer and one never calibrated. The checks read the files, ONNX Runtime runs them against
 the simulation, and the simulation itself must come out of the export untouched."""
+import contextlib
 import copy
+import io
 import json
 import os
 import warnings
@@ -34,6 +36,7 @@ class Kitchen(nn.Module):
         self.bn = nn.BatchNorm2d(8)
         self.pool = nn.MaxPool2d(2)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)  # 4-bit weights
+        self.skip = nn.Conv2d(8, 8, 1)  # with conv2, the max-pool's only readers: layers
         self.norm = nn.LayerNorm(8)
         self.proj = nn.Linear(8, 8)  # on (batch, tokens, channels): MatMul + Add
         self.head = nn.Linear(8, 5)  # Gemm
@@ -41,7 +44,7 @@ class Kitchen(nn.Module):
 
     def forward(self, x):
         y = self.pool(F.relu(self.bn(self.conv(F.pad(x, (1, 1, 1, 1))))))
-        y = F.relu(self.conv2(y)) + y
+        y = F.relu(self.conv2(y)) + self.skip(y)
         t = self.norm(y.flatten(2).transpose(1, 2))
         t = self.proj(t) + t
         u = F.adaptive_avg_pool2d(F.relu(self.up(y)), 1).flatten(1)
@@ -85,9 +88,11 @@ def kitchen(tmp_path_factory):
     with torch.no_grad():
         before = sim.model(x)
     path = tmp_path_factory.mktemp("kitchen") / "new" / "dir"  # made by the export
-    with warnings.catch_warnings(record=True) as caught:
+    printed = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
         warnings.simplefilter("always")
         res = sim.export(path, "k", images(3, 1), export_fp32=True)
+    assert printed.getvalue() == ""  # the exporter's progress lines stay out of the user's output
     return sim, res, split, path, x, before, caught
 
 
@@ -100,7 +105,7 @@ def token_export(tmp_path_factory):
     sim.quantizers()[never].enabled = False  # disabled before calibration: no encoding, and none needed
     calibrate(sim, tokens(1, 32, 5))
     path = tmp_path_factory.mktemp("tokens")
-    res = sim.export(path, "t", tokens(2, 1, 5), input_names=["ids", "mask"], output_names=["out"])
+    res = sim.export(path, "t", tokens(2, 1, 5), input_names=["token_ids", "attention_mask"], output_names=["out"])
     wide = calibrate(QuantSimModel(Tokens().eval(), tokens(0, 2, 5), default_output_bw=16, config_file="tensorrt"),
                      tokens(1, 32, 5))
     static = wide.export(path, "static", tokens(2, 1, 5), dynamic_batch=False)
@@ -177,7 +182,7 @@ def test_every_weight_is_an_integer_initializer_of_its_bitwidth(kitchen):
                if n.op_type == "DequantizeLinear" and n.input[0].endswith("weight_quantized")}
     assert weights == {"conv.weight_quantized": TYPES.INT8, "conv2.weight_quantized": TYPES.INT4,
                        "proj.weight_quantized": TYPES.INT8, "head.weight_quantized": TYPES.INT8,
-                       "up.weight_quantized": TYPES.INT8}
+                       "up.weight_quantized": TYPES.INT8, "skip.weight_quantized": TYPES.INT8}
     float_weights = {t.name for t in inits.values() if t.data_type == TYPES.FLOAT and t.name.endswith("weight")}
     assert float_weights == {"norm.weight"}  # LayerNorm's scale is not quantized
     # the integers are the simulation's: folded BN, per-channel scale, the 4-bit grid
@@ -211,14 +216,25 @@ def test_max_pool_reads_and_writes_one_grid(kitchen):
     assert onnx.numpy_helper.to_array(inits[dq_in.input[1]]) == onnx.numpy_helper.to_array(inits[q_out.input[1]])
 
 
+def test_every_layer_reads_its_data_from_a_dequantize(kitchen):
+    """What ORT needs to run each layer in integers (the max-pool's two readers are layers only)."""
+    _, res, *_ = kitchen
+    nodes = nodes_of(res.onnx_path)
+    producer = {o: n for n in nodes for o in n.output}
+    layers = [n for n in nodes if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    assert len(layers) == 6  # conv, conv2, skip, up, proj (MatMul), head (Gemm)
+    assert all(producer[n.input[0]].op_type == "DequantizeLinear" for n in layers), \
+        [(n.op_type, producer[n.input[0]].op_type) for n in layers]
+
+
 def test_biases_are_int32_on_the_simulations_grid(kitchen):
     sim, res, *_ = kitchen
     inits = initializers(res.onnx_path)
     biases = {n.input[0]: n for n in nodes_of(res.onnx_path)
               if n.op_type == "DequantizeLinear" and n.input[0].endswith("bias_quantized")}
     assert sorted(biases) == ["conv.bias_quantized", "conv2.bias_quantized", "head.bias_quantized",
-                              "proj.bias_quantized", "up.bias_quantized"]
-    for layer in ("conv", "conv2", "proj", "head", "up"):
+                              "proj.bias_quantized", "skip.bias_quantized", "up.bias_quantized"]
+    for layer in ("conv", "conv2", "proj", "head", "up", "skip"):
         module = sim.model.get_submodule(layer)
         dq = biases[f"{layer}.bias_quantized"]
         assert inits[dq.input[0]].data_type == TYPES.INT32
@@ -275,7 +291,7 @@ def test_tensor_sites_cover_every_enabled_quantizer(kitchen):
     sim, res, *_ = kitchen
     assert set(res.tensor_sites.values()) == {k for k, q in sim.quantizers().items() if q.enabled}
     params = {t for t, k in res.tensor_sites.items() if sim.plan.site(k).kind == "param"}
-    assert params == {"conv.weight", "conv2.weight", "proj.weight", "head.weight", "up.weight"}
+    assert params == {"conv.weight", "conv2.weight", "proj.weight", "head.weight", "up.weight", "skip.weight"}
 
 
 def test_encodings_file_matches_the_simulation(kitchen):
@@ -287,7 +303,8 @@ def test_encodings_file_matches_the_simulation(kitchen):
     assert meta["config"] == sim.config.name and meta["dtype"] == "int"
     assert meta["per_channel_quantization"] == sim.config.per_channel_quantization
     loaded = load_encodings(res.encodings_path)
-    assert set(loaded.param_encodings) == {"conv.weight", "conv2.weight", "proj.weight", "head.weight", "up.weight"}
+    assert set(loaded.param_encodings) == {"conv.weight", "conv2.weight", "proj.weight", "head.weight", "up.weight",
+                                           "skip.weight"}
     assert loaded.param_encodings["up.weight"].axis == 1
     assert loaded.param_encodings["conv2.weight"].bitwidth == 4
     for name, e in loaded.param_encodings.items():
@@ -332,10 +349,10 @@ def test_an_opset_too_low_for_the_grids_is_refused_before_writing(kitchen, tmp_p
 def test_token_inputs_have_dynamic_batch_and_sequence(token_export):
     sim, res, static, _ = token_export
     model = onnx.load(res.onnx_path)
-    assert [i.name for i in model.graph.input] == ["ids", "mask"] and model.graph.output[0].name == "out"
+    assert [i.name for i in model.graph.input] == ["token_ids", "attention_mask"]
+    assert model.graph.output[0].name == "out" and res.fp32_path is None
     for i in model.graph.input:
-        dims = i.type.tensor_type.shape.dim
-        assert len(dims) == 2 and all(d.dim_param and not d.dim_value for d in dims), i
+        assert [d.dim_param for d in i.type.tensor_type.shape.dim] == ["batch", "sequence"], i
     assert res.opset == 20 and {o.domain: o.version for o in model.opset_import}[""] == 20
     ids, mask = tokens(5, 3, 7)
     with torch.no_grad():
@@ -351,7 +368,14 @@ def test_token_inputs_have_dynamic_batch_and_sequence(token_export):
     np.testing.assert_allclose(out, expected, rtol=0, atol=step * 1.0001)
     assert 0 < (np.abs(out - expected) > 1e-6).sum() <= 8
     exact = session(res.onnx_path, threads=1, config={"session.qdq_matmulnbits_accuracy_level": "1"})
-    np.testing.assert_array_equal(exact.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0], expected)
+    np.testing.assert_array_equal(exact.run(None, {"token_ids": ids.numpy(), "attention_mask": mask.numpy()})[0],
+                                  expected)
+
+
+def test_image_inputs_have_a_dynamic_batch_only(kitchen):
+    _, res, *_ = kitchen
+    model = onnx.load(res.onnx_path)
+    assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, 8, 8]
 
 
 def test_static_export_keeps_the_dummys_shapes_and_16_bit_symmetric_grids(token_export):
@@ -398,10 +422,17 @@ def test_uncalibrated_export_names_the_count_and_a_site(tmp_path):
 
 def test_a_bitwidth_onnx_cannot_express_is_refused(tmp_path):
     sim = calibrate(QuantSimModel(Tokens().eval(), tokens(0, 2, 5), default_param_bw=6), tokens(1, 8, 5))
-    with pytest.raises(QuantConfigError, match=r"quantizer 'emb.weight' is 6-bit: ONNX QuantizeLinear expresses "
+    sim.quantizers()["emb.weight"].enabled = False  # a disabled 6-bit site is fine; the next one is not
+    with pytest.raises(QuantConfigError, match=r"quantizer 'fc1.weight' is 6-bit: ONNX QuantizeLinear expresses "
                                                r"4-bit and 16-bit grids \(opset 21 and later\) and 8-bit grids only"):
         sim.export(tmp_path, "t", tokens(0, 1, 5))
     assert not os.listdir(tmp_path)
+
+
+def test_four_bit_weights_alone_pick_opset_21(tmp_path):
+    sim = calibrate(QuantSimModel(Tokens().eval(), tokens(0, 2, 5), default_param_bw=4), tokens(1, 8, 5))
+    res = sim.export(tmp_path, "t", tokens(0, 1, 5))
+    assert res.opset == 21 and {o.domain: o.version for o in onnx.load(res.onnx_path).opset_import}[""] == 21
 
 
 # ---- layers with equal weights ------------------------------------------------------------------

@@ -53,7 +53,7 @@ def _(x, scale, zero_point, axis, qmin, qmax):
 
 
 def _translation(opset: int):
-    op = getattr(onnxscript, f"opset{min(opset, 21 if hasattr(onnxscript, 'opset21') else 18)}")
+    op = getattr(onnxscript, f"opset{min(opset, 21)}")  # the op builder; the file's opset is `opset`
 
     def qdq(x, scale, zero_point, axis: int, qmin: int, qmax: int):
         q = op.QuantizeLinear(x, scale, zero_point, axis=axis)
@@ -172,8 +172,7 @@ def _torch_export(module: nn.Module, args: tuple, opset: int, dynamic_batch: boo
                                     custom_translation_table=_translation(opset) if quantized else None,
                                     input_names=input_names, output_names=output_names, verbose=False,
                                     optimize=False)
-    model = program.model  # an onnx_ir.Model with onnxscript >= 0.3; older ones have their own IR class
-    model = model if isinstance(model, ir.Model) else ir.from_proto(program.model_proto)
+    model = program.model  # an onnx_ir.Model (onnxscript >= 0.3)
     onnxscript.optimizer.fold_constants(model)  # a weight computed from parameters becomes an initializer
     return model
 
