@@ -91,7 +91,7 @@ def kitchen(tmp_path_factory):
     printed = io.StringIO()
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
         warnings.simplefilter("always")
-        res = sim.export(path, "k", images(3, 1), export_fp32=True)
+        res = sim.export(path, "k", images(3, 1), export_fp32=True, input_names=["image"], output_names=["logits"])
     assert printed.getvalue() == ""  # the exporter's progress lines stay out of the user's output
     return sim, res, split, path, x, before, caught
 
@@ -272,7 +272,7 @@ def test_zero_point_types_follow_each_grid(kitchen):
     types = {zero_point(n)[0] for n in quantize}
     assert types == {TYPES.UINT8, TYPES.UINT16}  # asymmetric activations, one of them 16-bit
     enc = sim.quantizers()["x_input"].encoding
-    first = next(n for n in quantize if n.input[0] == "x")
+    first = next(n for n in quantize if n.input[0] == "image")
     assert zero_point(first) == (TYPES.UINT8, -int(enc.offset))
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(inits[first.input[1]]), enc.scale.float().numpy())
     axes = {a.i for n in quantize for a in n.attribute if a.name == "axis"}
@@ -318,6 +318,9 @@ def test_encodings_file_matches_the_simulation(kitchen):
 
 def test_the_fp32_file_is_the_folded_float_model(kitchen):
     sim, res, _, _, x, *_ = kitchen
+    fp32 = onnx.load(res.fp32_path)
+    assert {o.domain: o.version for o in fp32.opset_import}[""] == res.opset  # the QDQ file's opset
+    assert [i.name for i in fp32.graph.input] == ["image"] and [o.name for o in fp32.graph.output] == ["logits"]
     ops = {n.op_type for n in nodes_of(res.fp32_path)}
     assert not ops & {"QuantizeLinear", "DequantizeLinear", "BatchNormalization"}
     enabled = {k: q.enabled for k, q in sim.quantizers().items()}
@@ -376,6 +379,7 @@ def test_image_inputs_have_a_dynamic_batch_only(kitchen):
     _, res, *_ = kitchen
     model = onnx.load(res.onnx_path)
     assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, 8, 8]
+    assert [i.name for i in model.graph.input] == ["image"] and [o.name for o in model.graph.output] == ["logits"]
 
 
 def test_static_export_keeps_the_dummys_shapes_and_16_bit_symmetric_grids(token_export):

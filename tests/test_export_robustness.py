@@ -93,7 +93,9 @@ def test_bias_overflow_warns_once_naming_the_site(tiny_input_export):
     exp_msgs = [str(w.message) for w in export_warnings if "int32 bias overflow" in str(w.message)]
     assert len(sim_msgs) == 1 and "'conv.weight'" in sim_msgs[0], sim_msgs
     assert len(exp_msgs) == 1 and "conv.weight" in exp_msgs[0] and "fc.weight" not in exp_msgs[0], exp_msgs
-    assert all(issubclass(w.category, RuntimeWarning) for w in export_warnings if "int32 bias overflow" in str(w.message))
+    (warning,) = [w for w in export_warnings if "int32 bias overflow" in str(w.message)]
+    assert issubclass(warning.category, RuntimeWarning) and warning.filename == __file__  # points at sim.export's caller
+    assert "the ONNX weights and the encodings file carry the raised scales" in exp_msgs[0]
 
 
 def test_bias_overflow_export_carries_the_raised_scale(tiny_input_export):
