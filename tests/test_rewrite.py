@@ -128,9 +128,13 @@ def weight_sites(bw=8, symmetric=True):
     return {"x_scale": ("x_input", enc(0.05, -128, 8, False)), "w_scale": ("conv.weight", w_enc)}
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_weights_become_integer_initializers_with_the_same_outputs(symmetric):
-    proto, w, w_scale, w_zp = conv_qdq_graph(symmetric=symmetric, extra_names=["w_quantized", "w_quantized_1"])
+@pytest.mark.parametrize("symmetric, taken, name", [
+    (True, ["w_quantized", "w_quantized_1"], "w_quantized_2"),
+    (False, ["w_quantized"], "w_quantized_1"),
+    (True, ["w_quantized", "w_quantized_2"], "w_quantized_1"),
+])
+def test_weights_become_integer_initializers_with_the_same_outputs(symmetric, taken, name):
+    proto, w, w_scale, w_zp = conv_qdq_graph(symmetric=symmetric, extra_names=taken)
     x = np.random.default_rng(1).normal(size=(1, 2, 5, 5)).astype(np.float32)
     before = run(proto, x=x)[0]
     model = ir.from_proto(proto)
@@ -139,7 +143,7 @@ def test_weights_become_integer_initializers_with_the_same_outputs(symmetric):
     assert ops(model) == ["QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv"]
     dq = [n for n in model.graph if n.op_type == "DequantizeLinear"][1]
     qw = dq.inputs[0]
-    assert qw.name == "w_quantized_2"  # 'w_quantized' and 'w_quantized_1' were taken
+    assert qw.name == name  # a fresh name: the first free suffix
     assert qw.const_value.dtype == (ir.DataType.INT8 if symmetric else ir.DataType.UINT8)
     np.testing.assert_array_equal(qw.const_value.numpy(), quantize_array(w, w_scale, w_zp, 0, *(
         (-128, 127) if symmetric else (0, 255))))
@@ -186,6 +190,22 @@ def test_four_bit_weights_get_int4_zero_points_and_values(symmetric):
         * w_scale.reshape(-1, 1, 1, 1)
     expected = torch.nn.functional.conv2d(torch.from_numpy(xd * np.float32(0.05)), torch.from_numpy(wd)).numpy()
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_four_bit_weights_sharing_a_zero_point_get_one_each():
+    w = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
+    nodes = [helper.make_node("QuantizeLinear", [f"w{i}", "s", "z"], [f"q{i}"]) for i in (1, 2)]
+    nodes += [helper.make_node("DequantizeLinear", [f"q{i}", "s", "z"], [f"d{i}"]) for i in (1, 2)]
+    nodes.append(helper.make_node("Add", ["d1", "d2"], ["y"]))
+    proto = build(nodes, [], [("y", [2, 4])], [("w1", w), ("w2", -w), ("s", np.array(0.125, np.float32)),
+                                                ("z", np.array(0, np.int8))])
+    model = ir.from_proto(proto)
+    e = enc(0.125, -8, 4, True)
+    fold_weight_quantizers(model, {"s": ("w", e)}, param_keys=["w"])
+    zero_points = sorted(n.inputs[2].name for n in model.graph if n.op_type == "DequantizeLinear")
+    assert zero_points == ["z_int4", "z_int4_1"]
+    grid = lambda v: np.clip(np.rint(v / 0.125), -8, 7) * 0.125  # noqa: E731 - the 4-bit grid: +1 clips to 0.875
+    np.testing.assert_array_equal(run(model)[0], grid(w) + grid(-w))
 
 
 def test_four_bit_activation_quantizer_is_retyped_on_q_and_dq():
@@ -375,7 +395,11 @@ def test_a_pad_whose_axes_are_not_constant_stays():
     model = build(nodes, [("x", [1, 2, 6, 6])], [("y", None)], [
         ("p", np.array([1, 1], np.int64)), ("w", np.ones((2, 2, 3, 3), np.float32)),
         ("zero", np.array([0], np.int64)), ("one", np.array([1], np.int64))])
-    assert fold_zero_pads(model) == 0 and "Pad" in ops(model)
+    model.graph.node.extend([helper.make_node("Pad", ["x", "p_ok"], ["xp_ok"]),
+                             helper.make_node("Conv", ["xp_ok", "w"], ["y_ok"])])
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "p_ok"))
+    model.graph.output.append(helper.make_tensor_value_info("y_ok", FLOAT, None))
+    assert fold_zero_pads(model) == 1 and ops(model).count("Pad") == 1  # the computed-axes pad stays
 
 
 def test_fold_zero_pads_on_onnx_ir_counts_every_pad():
@@ -639,10 +663,11 @@ def test_an_exporters_global_average_pool_with_refused_scales_becomes_reduce_mea
 
 
 def test_an_exporters_global_average_pool_with_good_scales_stays():
-    model, _ = mean_graph(op="GlobalAveragePool")
+    model, _ = mean_graph(op="GlobalAveragePool", then_good=True)
     global_average_pools(model)
     assert mean_node(model).op_type == "GlobalAveragePool"
     assert len(mean_node(model).inputs) == 1
+    assert mean_node(model, "good").op_type == "GlobalAveragePool"  # the pass went on after it
 
 
 def test_a_huge_image_is_not_pooled_in_integers():
