@@ -620,6 +620,16 @@ def test_other_means_stay(kwargs):
     assert mean_node(model, "good").op_type == "GlobalAveragePool"  # a mean that stays does not end the pass
 
 
+def test_a_mean_over_computed_axes_stays():
+    model, _ = mean_graph()
+    node = mean_node(model)
+    axes = ir.Value(name="runtime_axes", shape=ir.Shape([2]), type=ir.TensorType(ir.DataType.INT64))
+    model.graph.inputs.append(axes)
+    node.replace_input_with(1, axes)
+    global_average_pools(model)
+    assert node.op_type == "ReduceMean"
+
+
 def test_a_mul_by_a_constant_is_not_a_mean():
     nodes = [helper.make_node("Mul", ["x", "c"], ["y"], name="mul")]
     model = ir.from_proto(build(nodes, [("x", [1, 2, 4])], [("y", None)], [("c", np.array([2.0], np.float32))]))
