@@ -369,7 +369,7 @@ def test_token_inputs_have_dynamic_batch_and_sequence(token_export):
     step = float(sim.quantizers()["fc2_output"].scale)
     out = ort(res.onnx_path, ids, mask)
     np.testing.assert_allclose(out, expected, rtol=0, atol=step * 1.0001)
-    assert 0 < (np.abs(out - expected) > 1e-6).sum() <= 8
+    assert (np.abs(out - expected) > 1e-6).sum() <= 8
     exact = session(res.onnx_path, threads=1, config={"session.qdq_matmulnbits_accuracy_level": "1"})
     np.testing.assert_array_equal(exact.run(None, {"token_ids": ids.numpy(), "attention_mask": mask.numpy()})[0],
                                   expected)
@@ -394,8 +394,12 @@ def test_static_export_keeps_the_dummys_shapes_and_16_bit_symmetric_grids(token_
     with torch.no_grad():
         expected = sim.model(ids, mask).numpy()
     np.testing.assert_array_equal(ort(static.onnx_path, ids, mask, optimize=False), expected)  # measured 0
-    # optimized: fc1's MatMulNBits (see above) moves the 16-bit outputs by up to 4.4e-4 (measured)
-    np.testing.assert_allclose(ort(static.onnx_path, ids, mask), expected, rtol=0, atol=5e-4)
+    # optimized, ORT turns fc1 (16-bit input, int8 weight) into MatMulNBits, which quantizes that input to
+    # int8 at run time (measured 4.4e-4 off with onnxruntime 1.31, 2.7e-3 with 1.32); with the session
+    # entry that keeps float inputs float, the optimized graph is exact again
+    exact = session(static.onnx_path, threads=1, config={"session.qdq_matmulnbits_accuracy_level": "1"})
+    feeds = {i.name: t.numpy() for i, t in zip(exact.get_inputs(), (ids, mask))}
+    np.testing.assert_array_equal(exact.run(None, feeds)[0], expected)
 
 
 def test_disabled_quantizers_leave_float_and_need_no_encoding(token_export):
