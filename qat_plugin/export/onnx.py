@@ -5,8 +5,9 @@ How: a copy of ``sim.model`` has every quantizer replaced by one custom op,
 DequantizeLinear pair. Value-preserving ops (max-pool, reshape, flatten, ...) get the same
 encoding repeated after them, so that ONNX Runtime sees ``DQ -> op -> Q`` everywhere and keeps
 integer kernels. The exporter's onnx_ir graph is then rewritten by the passes of :mod:`.rewrite`: weights
-become INT8 (INT4, INT16) initializers feeding DequantizeLinear, zero pads go into convs,
-biases on the int32 grid become int32 with ``scale = input_scale * weight_scale``.
+become INT8 (INT4, INT16) initializers feeding DequantizeLinear (before the exporter's optimizer
+runs, see :func:`_optimize`), zero pads go into convs, biases on the int32 grid become int32 with
+``scale = input_scale * weight_scale``.
 """
 from __future__ import annotations
 
