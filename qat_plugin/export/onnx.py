@@ -185,7 +185,7 @@ def _optimize(model: ir.Model) -> None:
     onnxscript.optimizer.optimize(model)
 
 
-def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input: Any,
+def export_onnx(sim, path: str | os.PathLike, filename_prefix: str, dummy_input: Any, *,
                 opset_version: Optional[int] = None, export_fp32: bool = False, dynamic_batch: bool = True,
                 input_names=None, output_names=None) -> ExportResult:
     """Write ``<prefix>.onnx`` (QDQ), ``<prefix>.encodings`` (AIMET 0.6.1 JSON) and optionally

@@ -106,8 +106,8 @@ class VerifyReport:
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-def session(path: str, optimize: bool = True, threads: Optional[int] = None, optimized_path: Optional[str] = None,
-            *, config: Optional[dict[str, str]] = None):
+def session(path: str, optimize: bool = True, *, threads: Optional[int] = None, optimized_path: Optional[str] = None,
+            config: Optional[dict[str, str]] = None):
     """A CPU ONNX Runtime session; ``config`` adds session config entries, e.g.
     ``{"session.qdq_matmulnbits_accuracy_level": "1"}`` (see the README's export section)."""
     import onnxruntime as ort
@@ -217,7 +217,7 @@ def _reference_runner(onnx_path: str, reference, threads: Optional[int]):
     """``run(arrays, batch_size, rel)``: the reference's outputs, with every activation quantizer's
     input (or, without quantizers, the model input) multiplied by ``1 +- rel`` when ``rel``."""
     if reference is None:
-        sess = session(onnx_path, False, threads)
+        sess = session(onnx_path, False, threads=threads)
 
         def run(arrays, batch_size, rel=0.0):
             if rel:
@@ -291,14 +291,14 @@ def verify(onnx_path: str, reference=None, inputs=None, batch_size: int = 64, th
         return a.astype(np.float32) if a.dtype.kind == "f" else a  # token ids and masks stay integer
 
     arrays = [tuple(as_array(p) for p in x) if isinstance(x, tuple) else as_array(x) for x in inputs]
-    out = _run(session(onnx_path, True, threads), arrays, batch_size)
+    out = _run(session(onnx_path, True, threads=threads), arrays, batch_size)
     run = _reference_runner(onnx_path, reference, threads)
     ref = run(arrays, batch_size)
     max_diff, sqnr, top1 = compare(out, ref)
     perturbed = batch = None
     if floor:
         perturbed, batch = noise_floor(run, arrays, batch_size, ref, rel=floor_rel)
-    unoptimized = None if reference is None else compare(out, _run(session(onnx_path, False, threads), arrays,
+    unoptimized = None if reference is None else compare(out, _run(session(onnx_path, False, threads=threads), arrays,
                                                                    batch_size))[1]
     counts, float_ops, unfused = optimized_graph_stats(onnx_path)
     return VerifyReport(len(out), max_diff, sqnr, top1, dict(counts), float_ops, unfused, os.path.getsize(onnx_path),
