@@ -21,7 +21,7 @@ from torch import nn
 
 from qat_plugin import NotCalibratedError, QuantConfigError, QuantSimModel
 from qat_plugin.encoding import Encoding, int32_bias_grid
-from qat_plugin.export import load_encodings
+from qat_plugin.export import load_encodings, verify
 from qat_plugin.export.onnx import quantize_dequantize
 from qat_plugin.export.verify import session
 from helpers import calibrate, randomize_bn, once_per_module
@@ -370,6 +370,8 @@ def test_token_inputs_have_dynamic_batch_and_sequence(token_export):
     out = ort(res.onnx_path, ids, mask)
     np.testing.assert_allclose(out, expected, rtol=0, atol=step * 1.0001)
     assert (np.abs(out - expected) > 1e-6).sum() <= 8
+    report = str(verify(res.onnx_path, sim, (ids, mask), threads=1, floor=False))
+    assert "MatMulNBits (int8 weights on float inputs)  1: ORT quantizes those inputs" in report
     exact = session(res.onnx_path, threads=1, config={"session.qdq_matmulnbits_accuracy_level": "1"})
     np.testing.assert_array_equal(exact.run(None, {"token_ids": ids.numpy(), "attention_mask": mask.numpy()})[0],
                                   expected)

@@ -102,6 +102,10 @@ class VerifyReport:
                 ("file size", f"{self.file_bytes / 2**20:.2f} MiB"), ("ORT optimized graph ops", ops)]
         if self.qdq_types:
             rows.append(("Q/DQ mix (DequantizeLinear)", ", ".join(f"{k} x{v}" for k, v in sorted(self.qdq_types.items()))))
+        if self.op_counts.get("MatMulNBits"):
+            rows.append(("MatMulNBits (int8 weights on float inputs)",
+                         f"{self.op_counts['MatMulNBits']}: ORT quantizes those inputs to int8 at run time; "
+                         "session.qdq_matmulnbits_accuracy_level=1 keeps them float"))
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
