@@ -276,9 +276,26 @@ def test_an_embedding_read_by_a_layer_is_quantized_for_that_layer_only():
     ids, positions = torch.randint(0, 10, (2, 6)), torch.arange(6).expand(2, 6)
     sim = calibrate(QuantSimModel(EmbeddingReaders(), (ids, positions)), (ids, positions))
     site = sim.plan.site("emb_output")
-    assert (site.kind, site.op, site.consumers) == ("output", "Gather", ("fc",))
+    assert (site.kind, site.op, site.consumers, site.where) == ("output", "Gather", ("fc",), "emb")
     assert not [s for s in sim.quantizer_sites() if s.key.startswith("pos") and s.kind != "param"]
     assert sim.plan.site("fc.weight").bias_from == "emb_output"  # and the Linear's bias is int32
     nodes = {n.name: n for n in sim.model.graph.nodes}
     assert nodes["fc"].args[0].target == "quantizers.emb_output"
     assert nodes["add"].args[1].name == "emb"  # the sum reads the rows themselves
+
+
+class FloatInputFlatten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_only_an_embedding_gets_a_site_for_its_layer_readers():
+    """With model inputs left in float, a reshape of the input read by a Linear gets no site:
+    only an embedding table's rows are handed a new grid for their layer readers."""
+    sim = QuantSimModel(FloatInputFlatten(), torch.randn(2, 3, 2, 2),
+                        config_file={"model_input": {"is_input_quantized": False}})
+    assert [s.key for s in sim.quantizer_sites()] == ["fc.weight", "fc_output"]
