@@ -112,6 +112,13 @@ def token_export(tmp_path_factory):
     return sim, res, (wide, static), never
 
 
+def refused_before_writing(sim, path, dummy, error, match, **kwargs):
+    """``sim.export`` raises ``error`` matching ``match`` and leaves ``path`` empty."""
+    with pytest.raises(error, match=match):
+        sim.export(path, "refused", dummy, **kwargs)
+    assert not os.listdir(path)
+
+
 def nodes_of(path):
     return list(onnx.load(path).graph.node)
 
@@ -342,10 +349,9 @@ def test_raised_scales_warn_only_when_raised(kitchen):
 
 def test_an_opset_too_low_for_the_grids_is_refused_before_writing(kitchen, tmp_path):
     sim = kitchen[0]
-    with pytest.raises(QuantConfigError, match=r"'conv2.weight' is 4-bit, .* from opset 21; export with "
-                                               r"opset_version=21 or later \(asked for 20\)"):
-        sim.export(tmp_path, "low", images(3, 1), opset_version=20)
-    assert not os.listdir(tmp_path)
+    refused_before_writing(sim, tmp_path, images(3, 1), QuantConfigError,
+                           r"'conv2.weight' is 4-bit, .* from opset 21; export with opset_version=21 or later "
+                           r"\(asked for 20\)", opset_version=20)
 
 
 # ---- the token net ------------------------------------------------------------------------------
@@ -424,19 +430,17 @@ def test_uncalibrated_export_names_the_count_and_a_site(tmp_path):
     first = next(iter(sim.quantizers()))
     sim.quantizers()[first].enabled = False
     second = next(k for k in sim.quantizers() if k != first)
-    with pytest.raises(NotCalibratedError, match=rf"cannot export: {n - 1} quantizer\(s\) have no encoding "
-                                                 rf"\(e.g. '{second}'\); call sim.compute_encodings"):
-        sim.export(tmp_path, "t", tokens(0, 1, 5))
-    assert not os.listdir(tmp_path)
+    refused_before_writing(sim, tmp_path, tokens(0, 1, 5), NotCalibratedError,
+                           rf"cannot export: {n - 1} quantizer\(s\) have no encoding \(e.g. '{second}'\); "
+                           r"call sim.compute_encodings")
 
 
 def test_a_bitwidth_onnx_cannot_express_is_refused(tmp_path):
     sim = calibrate(QuantSimModel(Tokens().eval(), tokens(0, 2, 5), default_param_bw=6), tokens(1, 8, 5))
     sim.quantizers()["emb.weight"].enabled = False  # a disabled 6-bit site is fine; the next one is not
-    with pytest.raises(QuantConfigError, match=r"quantizer 'fc1.weight' is 6-bit: ONNX QuantizeLinear expresses "
-                                               r"4-bit and 16-bit grids \(opset 21 and later\) and 8-bit grids only"):
-        sim.export(tmp_path, "t", tokens(0, 1, 5))
-    assert not os.listdir(tmp_path)
+    refused_before_writing(sim, tmp_path, tokens(0, 1, 5), QuantConfigError,
+                           r"quantizer 'fc1.weight' is 6-bit: ONNX QuantizeLinear expresses 4-bit and 16-bit grids "
+                           r"\(opset 21 and later\) and 8-bit grids only")
 
 
 def test_four_bit_weights_alone_pick_opset_21(tmp_path):

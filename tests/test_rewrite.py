@@ -62,6 +62,15 @@ def test_integer_range_is_onnx_view_of_the_grid(bw, symmetric, expected):
     assert expected[1] - expected[0] == 2**bw - 1
 
 
+def ort_quantize(w, scale, zero_point, axis):
+    """ONNX Runtime's QuantizeLinear of ``w`` (the output type follows the zero point's)."""
+    model = build([helper.make_node("QuantizeLinear", ["w", "s", "z"], ["q"], axis=axis)], [("w", list(w.shape))], [],
+                  [("s", scale), ("z", zero_point)])
+    out_type = helper.np_dtype_to_tensor_dtype(zero_point.dtype)
+    model.graph.output.append(helper.make_tensor_value_info("q", out_type, list(w.shape)))
+    return run(model, w=w)[0]
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 def test_quantize_array_equals_ort_quantize_linear(axis):
     """Ties (k + 0.5 steps), both ends and beyond, per channel along either axis: bit-exact."""
@@ -72,11 +81,7 @@ def test_quantize_array_equals_ort_quantize_linear(axis):
     base = np.array([-1e3, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.49, 1e3], np.float32)
     w = np.stack([base * s for s in scale], axis=axis).astype(np.float32)
     q = quantize_array(w, scale, zp, axis, 0, 255)
-    model = build([helper.make_node("QuantizeLinear", ["w", "s", "z"], ["q"], axis=axis)], [("w", list(w.shape))], [],
-                  [("s", scale), ("z", zp)])
-    model.graph.output.append(helper.make_tensor_value_info("q", TensorProto.UINT8, list(w.shape)))
-    expected = run(model, w=w)[0]
-    np.testing.assert_array_equal(q, expected)
+    np.testing.assert_array_equal(q, ort_quantize(w, scale, zp, axis))
     assert q.min() == 0 and q.max() == 255  # clipped at both ends
     # half to even: -2.5 -> -2 and 2.5 -> 2, -1.5 -> -2, 1.5 -> 2, 0.5 -> 0 (plus the zero point)
     row = np.take(q, 0, axis=axis)
@@ -88,10 +93,7 @@ def test_quantize_array_divides_in_float32_as_ort_does():
     the float32 quotient, and so must the file's integers."""
     w, scale = np.array([0.64575, 0.42435, 1.27305], np.float32), np.array(0.0123, np.float32)
     q = quantize_array(w, scale, np.array(0, np.int8), 1, -128, 127)
-    model = build([helper.make_node("QuantizeLinear", ["w", "s", "z"], ["q"])], [("w", [3])], [],
-                  [("s", scale), ("z", np.array(0, np.int8))])
-    model.graph.output.append(helper.make_tensor_value_info("q", TensorProto.INT8, [3]))
-    np.testing.assert_array_equal(q, run(model, w=w)[0])
+    np.testing.assert_array_equal(q, ort_quantize(w, scale, np.array(0, np.int8), 1))
     np.testing.assert_array_equal(q, [52, 34, 104])  # float64 division gives 53, 35, 103
 
 
@@ -304,6 +306,15 @@ def pad_conv(pads, *, value=None, mode=None, axes=None, conv_attrs=None, users=(
         np.random.default_rng(3).normal(size=(1, 2, 6, 6)).astype(np.float32)
 
 
+def then_a_foldable_pad(model):
+    """Append a zero Pad of ``x`` read by a Conv with weight ``w`` (which the pass folds), so that a
+    test sees the pass go on after a pad it leaves."""
+    model.graph.node.extend([helper.make_node("Pad", ["x", "p_ok"], ["xp_ok"]),
+                             helper.make_node("Conv", ["xp_ok", "w"], ["y_ok"])])
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "p_ok"))
+    model.graph.output.append(helper.make_tensor_value_info("y_ok", FLOAT, None))
+
+
 @pytest.mark.parametrize("pads, axes, conv_attrs, expected", [
     ([0, 0, 1, 2, 0, 0, 3, 0], None, None, [1, 2, 3, 0]),
     ([0, 0, 2, 1, 0, 0, 0, 3], "value", None, [2, 1, 0, 3]),                 # an explicit zero value
@@ -361,10 +372,7 @@ def test_pads_that_are_not_a_convs_zero_padding_stay(case):
     model, x = pad_conv(users=users, **case)
     before = [n.op_type for n in model.graph.node]
     # then a foldable pad + conv: a skipped pad must not end the pass
-    model.graph.node.extend([helper.make_node("Pad", ["x", "p_ok"], ["xp_ok"]),
-                             helper.make_node("Conv", ["xp_ok", "w"], ["y_ok"])])
-    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "p_ok"))
-    model.graph.output.append(helper.make_tensor_value_info("y_ok", FLOAT, None))
+    then_a_foldable_pad(model)
     assert fold_zero_pads(model) == 1
     assert ops(model) == before + ["Conv"]
     assert model.graph.node[-1].input[0] == "x"
@@ -395,10 +403,7 @@ def test_a_pad_whose_axes_are_not_constant_stays():
     model = build(nodes, [("x", [1, 2, 6, 6])], [("y", None)], [
         ("p", np.array([1, 1], np.int64)), ("w", np.ones((2, 2, 3, 3), np.float32)),
         ("zero", np.array([0], np.int64)), ("one", np.array([1], np.int64))])
-    model.graph.node.extend([helper.make_node("Pad", ["x", "p_ok"], ["xp_ok"]),
-                             helper.make_node("Conv", ["xp_ok", "w"], ["y_ok"])])
-    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "p_ok"))
-    model.graph.output.append(helper.make_tensor_value_info("y_ok", FLOAT, None))
+    then_a_foldable_pad(model)
     assert fold_zero_pads(model) == 1 and ops(model).count("Pad") == 1  # the computed-axes pad stays
 
 
